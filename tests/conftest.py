@@ -1,0 +1,55 @@
+"""Shared fixtures: tiny configs, tiny corpora, process-group teardown, the gpu marker."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+# Tests never touch the network: make Hugging Face libraries fail fast instead of hanging.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _destroy_process_group():
+    yield
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+@pytest.fixture
+def tiny_config():
+    from gptlab.config import ModelConfig
+
+    return ModelConfig.from_preset("tiny")
+
+
+@pytest.fixture
+def tiny_corpus(tmp_path):
+    """A small deterministic English-like text file (about 60 KB)."""
+    import random
+
+    rng = random.Random(0)
+    words = ("the quick brown fox jumps over lazy dog and cat sat on mat while rain fell softly "
+             "upon green hills of old England where kings once ruled").split()
+    lines = []
+    for _ in range(1500):
+        lines.append(" ".join(rng.choice(words) for _ in range(rng.randint(4, 12))).capitalize() + ".")
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
