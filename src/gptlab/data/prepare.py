@@ -1,0 +1,351 @@
+"""``gptlab prepare``: tokenize a corpus in parallel into token shards with a train/val split.
+
+Pipeline (memory stays bounded whatever the corpus size):
+
+    documents (streamed) -> text pieces -> batches of ~1 MB -> tokenizer threads (ordered, at most
+    2 x workers batches in flight) -> EOT before each document -> train/val router -> one shard-sized
+    buffer per split, flushed to ``NAME_SPLIT_NNNNNN.bin`` when full -> manifest.json last.
+
+Parallelism is threads: tiktoken releases the GIL while encoding, and threads avoid pickling
+every token list between processes. Work units are cut independently of the worker count and
+results are consumed in order, so the shards are byte-identical for any ``--workers``.
+
+Validation split rules (``DatasetInfo.val_rule``), all deterministic and streamable:
+
+* ``chars`` (shakespeare, shakespeare_char, text): the last ``val_fraction`` of the characters is val,
+  as nanoGPT's ``data[int(n*0.9):]`` (``text``: per file, cut at a byte offset moved to a character start).
+* ``fraction`` (pydocs, jsonl, openwebtext, and any corpus given ``--val-fraction``): document ``i`` (from 0)
+  is val when ``floor((i+1)*f) > floor(i*f)``: exactly ``floor(n*f)`` documents, evenly spread
+  (documents 9, 19, 29, ... for f = 0.1), so a corpus sorted by topic or date is sampled throughout.
+* ``first_tokens`` (fineweb_*): the first ``--shard-tokens`` tokens of the stream are val, the
+  document that crosses the boundary continuing into train: build-nanogpt's "shard 0 is val".
+* ``hf_split`` (tinystories): the Hub's own validation split.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import concurrent.futures as cf
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import numpy as np
+
+from gptlab.data import shards as S
+from gptlab.data import sources
+from gptlab.errors import GptlabError
+from gptlab.tokenizer import CharTokenizer, GPT2Tokenizer, Tokenizer
+
+BATCH_CHARS = 1 << 20  # characters per tokenizer work unit
+
+
+class PrepareError(GptlabError, ValueError):
+    """Bad arguments to ``prepare`` (the message names the flag)."""
+
+
+def default_workers() -> int:
+    """All cores this process may use."""
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
+
+
+def make_encoder(tok: Tokenizer) -> Callable[[list[str]], list[np.ndarray]]:
+    """A thread-safe ``texts -> token arrays`` function for ``tok`` (corpus text is never special tokens)."""
+    dtype = S.token_dtype(tok.vocab_size)
+    if isinstance(tok, GPT2Tokenizer):
+        enc = tok.enc
+
+        def encode_gpt2(texts: list[str]) -> list[np.ndarray]:
+            return [np.array(enc.encode_ordinary(t), dtype=dtype) for t in texts]
+
+        return encode_gpt2
+    if isinstance(tok, CharTokenizer):
+        codes = np.array([ord(c) for c in tok.chars], dtype=np.int64)
+        table = np.full(int(codes.max()) + 1, -1, dtype=np.int64)
+        table[codes] = np.arange(len(codes))
+
+        def encode_char(texts: list[str]) -> list[np.ndarray]:
+            out = []
+            for t in texts:
+                cp = np.frombuffer(t.encode("utf-32-le"), dtype="<u4").astype(np.int64)
+                ids = table[np.minimum(cp, table.size - 1)]
+                bad = (ids < 0) | (cp >= table.size)
+                if bad.any():
+                    ch = chr(int(cp[np.argmax(bad)]))
+                    raise PrepareError(f"character {ch!r} is not in the {tok.vocab_size}-character vocabulary")
+                out.append(ids.astype(dtype))
+            return out
+
+        return encode_char
+
+    def encode_generic(texts: list[str]) -> list[np.ndarray]:
+        return [np.array(tok.encode(t), dtype=dtype) for t in texts]
+
+    return encode_generic
+
+
+def _batches(items: Iterable[tuple[Any, str]], batch_chars: int) -> Iterator[list[tuple[Any, str]]]:
+    batch: list[tuple[Any, str]] = []
+    size = 0
+    for item in items:
+        batch.append(item)
+        size += len(item[1])
+        if size >= batch_chars:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+def encode_stream(items: Iterable[tuple[Any, str]], encode: Callable[[list[str]], list[np.ndarray]],
+                  workers: int = 1, batch_chars: int = BATCH_CHARS) -> Iterator[tuple[Any, np.ndarray]]:
+    """Encode ``(tag, text)`` items in ``workers`` threads, yielding ``(tag, tokens)`` in input order.
+
+    At most ``2 * workers`` batches are in flight, so memory is bounded on unbounded streams.
+    """
+    if workers <= 1:
+        for batch in _batches(items, batch_chars):
+            yield from zip((tag for tag, _ in batch), encode([t for _, t in batch]))
+        return
+    pending: collections.deque = collections.deque()
+    with cf.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="gptlab-tok") as pool:
+        try:
+            for batch in _batches(items, batch_chars):
+                pending.append(([tag for tag, _ in batch], pool.submit(encode, [t for _, t in batch])))
+                if len(pending) >= 2 * workers:
+                    tags, fut = pending.popleft()
+                    yield from zip(tags, fut.result())
+            while pending:
+                tags, fut = pending.popleft()
+                yield from zip(tags, fut.result())
+        finally:
+            for _, fut in pending:
+                fut.cancel()
+
+
+def tokenize_documents(docs: Iterable[str], tokenizer: Tokenizer, workers: int = 0, *, eot: bool = True,
+                       batch_chars: int = BATCH_CHARS) -> Iterator[np.ndarray]:
+    """Tokens of each document in order (``[eot] + tokens`` when ``eot`` and the tokenizer has one).
+
+    This is prepare's own parallel path; ``gptlab bench prepare`` times it for 1..N workers.
+    """
+    encode = make_encoder(tokenizer)
+    eot_arr = (np.array([tokenizer.eot_id], dtype=S.token_dtype(tokenizer.vocab_size))
+               if eot and tokenizer.eot_id is not None else None)
+    for _, toks in encode_stream(enumerate(docs), encode, workers or default_workers(), batch_chars):
+        yield np.concatenate([eot_arr, toks]) if eot_arr is not None else toks
+
+
+class ShardWriter:
+    """Fills one shard-sized buffer for a split and writes ``NAME_SPLIT_NNNNNN.bin`` each time it is full."""
+
+    def __init__(self, out_dir: Path, dataset: str, split: str, shard_tokens: int, vocab_size: int) -> None:
+        self.out_dir, self.dataset, self.split = out_dir, dataset, split
+        self.vocab_size = vocab_size
+        self.buf = np.empty(shard_tokens, dtype=S.token_dtype(vocab_size))
+        self.fill = 0
+        self.tokens = 0
+        self.documents = 0
+        self.shards: list[dict[str, Any]] = []
+
+    def add(self, tokens: np.ndarray) -> None:
+        pos = 0
+        while pos < tokens.size:
+            take = min(self.buf.size - self.fill, tokens.size - pos)
+            self.buf[self.fill:self.fill + take] = tokens[pos:pos + take]
+            self.fill += take
+            pos += take
+            if self.fill == self.buf.size:
+                self.flush()
+        self.tokens += int(tokens.size)
+
+    def flush(self) -> None:
+        if self.fill == 0:
+            return
+        name = f"{self.dataset}_{self.split}_{len(self.shards):06d}.bin"
+        sha = S.write_shard(self.out_dir / name, self.buf[:self.fill], self.vocab_size)
+        self.shards.append({"file": name, "split": self.split, "tokens": int(self.fill), "sha256": sha})
+        self.fill = 0
+
+
+def _char_vocab(make_docs: Callable[[], Iterator[sources.Document]]) -> CharTokenizer:
+    chars: set[str] = set()
+    for doc in make_docs():
+        for piece in doc.pieces:
+            chars.update(piece)
+    if not chars:
+        raise PrepareError("the corpus is empty: nothing to build a character vocabulary from")
+    return CharTokenizer(sorted(chars))
+
+
+def _resolve_out(name: str, out: str | os.PathLike | None, overwrite: bool) -> Path:
+    out_dir = Path(out).expanduser() if out else sources.default_data_dir(name)
+    manifest = out_dir / S.MANIFEST
+    if manifest.exists():
+        if not overwrite:
+            raise PrepareError(f"{out_dir}: already holds a prepared dataset (manifest.json); pass --overwrite to "
+                               f"replace it, or choose another --out")
+        # The manifest goes first so an interrupted overwrite never leaves a dataset that lies.
+        try:
+            old = json.loads(manifest.read_text(encoding="utf-8"))
+            old_files = [s.get("file") for s in old.get("shards", []) if isinstance(s, dict)]
+        except (json.JSONDecodeError, AttributeError):
+            old_files = []
+        manifest.unlink()
+        for f in old_files:
+            if isinstance(f, str) and Path(f).name == f:
+                (out_dir / f).unlink(missing_ok=True)
+    elif out_dir.exists() and not out_dir.is_dir():
+        raise PrepareError(f"--out {out_dir}: exists and is not a directory")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return out_dir
+
+
+def prepare_dataset(name: str, *, input: str | os.PathLike | None = None, out: str | os.PathLike | None = None,
+                    workers: int = 0, shard_tokens: int = 100_000_000, val_fraction: float | None = None,
+                    field: str = "text", tokenizer: str | None = None, max_docs: int | None = None,
+                    overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Tokenize dataset ``name`` into shards under ``out`` and write ``manifest.json``; return a summary.
+
+    The summary: ``{"dataset", "out", "tokenizer", "vocab_size", "eot_id", "val_rule", "documents",
+    "splits": {split: {"tokens", "shards": [file, ...], "documents"}}, "seconds", "tokens_per_s", "workers"}``.
+    """
+    info = sources.get_dataset(name)
+    if not 1 <= shard_tokens <= S.MAX_SHARD_TOKENS:
+        raise PrepareError(f"--shard-tokens {shard_tokens}: must be between 1 and {S.MAX_SHARD_TOKENS}")
+    if val_fraction is not None and not 0.0 <= val_fraction < 1.0:
+        raise PrepareError(f"--val-fraction {val_fraction}: must be in [0, 1)")
+    if workers < 0:
+        raise PrepareError(f"--workers {workers}: must be >= 0 (0 = all cores)")
+    if max_docs is not None and max_docs < 1:
+        raise PrepareError(f"--max-docs {max_docs}: must be >= 1")
+    workers = workers or default_workers()
+    t0 = time.perf_counter()
+
+    make_docs, source_info = sources.open_source(info, input=input, field_name=field, val_fraction=val_fraction,
+                                                 max_docs=max_docs)
+    tok_name = tokenizer or info.tokenizer
+    if tok_name == "gpt2":
+        tok: Tokenizer = GPT2Tokenizer()
+    elif tok_name == "char":
+        tok = _char_vocab(make_docs)
+    else:
+        raise PrepareError(f"--tokenizer {tok_name!r}: expected 'gpt2' or 'char'")
+
+    rule = info.val_rule
+    if rule in ("hf_split", "first_tokens") and val_fraction is not None:
+        rule = "fraction"
+    if rule == "hf_split" and input is not None:
+        rule = "fraction"  # local copies carry no split of their own
+    frac = val_fraction if val_fraction is not None else (info.val_fraction if info.val_fraction is not None else 0.1)
+    val_tokens = shard_tokens  # first_tokens: build-nanogpt's first shard
+
+    out_dir = _resolve_out(name, out, overwrite)
+    vocab = tok.vocab_size
+    dtype = S.token_dtype(vocab)
+    writers = {sp: ShardWriter(out_dir, name, sp, shard_tokens, vocab) for sp in ("train", "val")}
+    use_eot = info.layout == "documents" and tok.eot_id is not None
+    eot = np.array([tok.eot_id if tok.eot_id is not None else 0], dtype=dtype)
+
+    def items() -> Iterator[tuple[tuple[int, bool, str | None], str]]:
+        for i, doc in enumerate(make_docs()):
+            first = True
+            for piece in doc.pieces:
+                yield (i, first, doc.split), piece
+                first = False
+            if first:  # an empty document still counts (and still gets its EOT)
+                yield (i, True, doc.split), ""
+
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(desc=f"prepare {name}", unit=" docs", file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
+    ndocs = 0
+    total = 0
+    last_post = 0.0
+    try:
+        for (i, first, split), toks in encode_stream(items(), make_encoder(tok), workers):
+            new_doc = first
+            if first:
+                ndocs += 1
+                if use_eot:
+                    toks = np.concatenate([eot, toks])
+            if split is None:
+                if rule == "fraction":
+                    split = "val" if math.floor((i + 1) * frac) > math.floor(i * frac) else "train"
+                else:
+                    split = "train"
+                    room = val_tokens - writers["val"].tokens if rule == "first_tokens" else 0
+                    if room > 0:  # fill val exactly; the rest of this document starts train
+                        writers["val"].add(toks[:room])
+                        writers["val"].documents += int(first)
+                        toks, first = toks[room:], False
+            w = writers[split]
+            w.add(toks)
+            w.documents += int(first)
+            if bar is not None and new_doc:
+                bar.update(1)
+                now = time.perf_counter()
+                if now - last_post > 0.5:
+                    last_post = now
+                    total = writers["train"].tokens + writers["val"].tokens
+                    bar.set_postfix_str(f"{total:,} tokens, {total / max(now - t0, 1e-9) / 1e6:.2f}M tok/s", refresh=False)
+        for w in writers.values():
+            w.flush()
+    finally:
+        if bar is not None:
+            bar.close()
+
+    total = writers["train"].tokens + writers["val"].tokens
+    if writers["train"].tokens == 0:
+        hint = ("the first --shard-tokens tokens are val (build-nanogpt's first shard); pass a smaller "
+                "--shard-tokens or --val-fraction F" if rule == "first_tokens" else "give it more text")
+        raise PrepareError(f"{name}: no training tokens out of {total:,} ({hint})")
+    seconds = time.perf_counter() - t0
+    shard_list = writers["train"].shards + writers["val"].shards
+    source_info = {**source_info, "val_rule": rule,
+                   **({"val_fraction": frac} if rule in ("fraction", "chars") else {}),
+                   **({"val_tokens": val_tokens} if rule == "first_tokens" else {})}
+    manifest = S.build_manifest(dataset=name, tokenizer_spec=tok.spec(), vocab_size=vocab, eot_id=tok.eot_id,
+                                shards=shard_list, source=source_info,
+                                extra={"documents": ndocs, "shard_tokens": shard_tokens})
+    S.write_manifest(out_dir, manifest)
+    splits = {sp: {"tokens": w.tokens, "shards": [s["file"] for s in w.shards], "documents": w.documents}
+              for sp, w in writers.items() if w.tokens or sp == "train"}
+    return {"dataset": name, "out": str(out_dir), "tokenizer": tok.spec()["type"], "vocab_size": vocab,
+            "eot_id": tok.eot_id, "val_rule": rule, "documents": ndocs, "splits": splits,
+            "seconds": round(seconds, 4), "tokens_per_s": round(total / max(seconds, 1e-9), 1), "workers": workers}
+
+
+def cli_prepare(args: argparse.Namespace) -> int:
+    """``gptlab prepare NAME [...]`` / ``gptlab prepare --verify DIR``."""
+    as_json = getattr(args, "json", False)
+    if getattr(args, "verify", None):
+        if args.name:
+            raise PrepareError(f"--verify checks an existing directory: drop the dataset name {args.name!r}")
+        res = S.verify_dataset(args.verify)
+        if as_json:
+            print(json.dumps(res))
+        else:
+            parts = ", ".join(f"{sp} {v['tokens']:,} tokens ({v['shards']} shards)" for sp, v in res["splits"].items())
+            print(f"OK {res['dir']}: {parts}; checked {', '.join(res['checked'])}")
+        return 0
+    if not args.name:
+        raise PrepareError(f"name a dataset ({', '.join(sources.DATASETS)}) or pass --verify DIR")
+    res = prepare_dataset(args.name, input=args.input, out=args.out, workers=args.workers,
+                          shard_tokens=args.shard_tokens, val_fraction=args.val_fraction, field=args.field,
+                          tokenizer=args.tokenizer, max_docs=args.max_docs, overwrite=args.overwrite,
+                          progress=not as_json or sys.stderr.isatty())
+    if as_json:
+        print(json.dumps(res))
+    else:
+        parts = ", ".join(f"{sp} {v['tokens']:,} tokens ({len(v['shards'])} shards)" for sp, v in res["splits"].items())
+        print(f"prepared {res['dataset']} -> {res['out']}: {parts}; vocab {res['vocab_size']:,}; "
+              f"{res['seconds']:.1f} s, {res['tokens_per_s'] / 1e6:.2f}M tokens/s")
+    return 0

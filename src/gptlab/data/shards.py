@@ -1,0 +1,290 @@
+"""Token shard files and the dataset manifest.
+
+A shard is the llm.c / modded-nanogpt ``.bin`` layout, so their shards load here and ours there:
+a header of 256 little-endian int32 (``[0]`` magic, ``[1]`` version, ``[2]`` token count, the rest 0),
+then the tokens. GPT-2-sized vocabularies use uint16 tokens (magic 20240520, version 1); larger ones
+use uint32 under llm.c's own LLaMA-3 magic/version (20240801, 7), so a reader can never mistake one
+for the other. See https://github.com/karpathy/llm.c/blob/master/dev/data/data_common.py.
+
+``manifest.json`` beside the shards names the tokenizer, vocabulary size, EOT id and, per shard, its
+split, token count and SHA-256. It is written last and atomically: a directory without a manifest is
+not a dataset.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+from gptlab.errors import GptlabError
+
+HEADER_INTS = 256
+HEADER_BYTES = HEADER_INTS * 4
+MAGIC_U16, VERSION_U16 = 20240520, 1
+MAGIC_U32, VERSION_U32 = 20240801, 7
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = "gptlab-token-shards"
+MANIFEST_VERSION = 1
+# The count lives in an int32 header slot.
+MAX_SHARD_TOKENS = 2**31 - 1
+
+
+class ShardError(GptlabError, ValueError):
+    """A shard or manifest is missing, corrupt or inconsistent; the message names the file."""
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """uint16 when every id fits (GPT-2's 50,257 does), else uint32."""
+    if vocab_size <= 0 or vocab_size > 2**32:
+        raise ShardError(f"vocab_size {vocab_size} is out of range (1..2**32)")
+    return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
+
+
+def _header_for(dtype: np.dtype, count: int) -> np.ndarray:
+    header = np.zeros(HEADER_INTS, dtype="<i4")
+    u16 = dtype == np.uint16
+    header[0] = MAGIC_U16 if u16 else MAGIC_U32
+    header[1] = VERSION_U16 if u16 else VERSION_U32
+    header[2] = count
+    return header
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - e.g. Windows
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_shard(path: str | os.PathLike, tokens: Any, vocab_size: int) -> str:
+    """Write ``tokens`` (any int array-like) as one shard, atomically; return its SHA-256 hex digest.
+
+    Every id must be in ``[0, vocab_size)``: a bad id is an error here rather than a silent
+    wrap-around to a wrong token when it is narrowed to uint16.
+    """
+    path = Path(path)
+    dtype = token_dtype(vocab_size)
+    arr = np.asarray(tokens)
+    if arr.ndim != 1:
+        arr = arr.reshape(-1)
+    if arr.size > MAX_SHARD_TOKENS:
+        raise ShardError(f"{path}: {arr.size} tokens exceed the format's {MAX_SHARD_TOKENS} per shard")
+    if arr.size and (not np.issubdtype(arr.dtype, np.integer) or int(arr.min()) < 0 or int(arr.max()) >= vocab_size):
+        bad = arr[(arr < 0) | (arr >= vocab_size)] if np.issubdtype(arr.dtype, np.integer) else arr[:1]
+        raise ShardError(f"{path}: token id {bad[0]!r} is outside the vocabulary [0, {vocab_size})")
+    data = arr.astype(dtype.newbyteorder("<"), copy=False)
+    header = _header_for(dtype, int(data.size))
+    h = hashlib.sha256()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            for part in (header.tobytes(), data.tobytes()):
+                h.update(part)
+                f.write(part)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return h.hexdigest()
+
+
+def read_header(path: str | os.PathLike) -> tuple[int, np.dtype]:
+    """Check a shard's magic, version and file size; return ``(token_count, dtype)``."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw = f.read(HEADER_BYTES)
+    except FileNotFoundError:
+        raise ShardError(f"{path}: shard file not found (re-run gptlab prepare)") from None
+    if len(raw) < HEADER_BYTES:
+        raise ShardError(f"{path}: truncated shard: {len(raw)} bytes, smaller than the {HEADER_BYTES}-byte header")
+    header = np.frombuffer(raw, dtype="<i4")
+    magic, version, count = int(header[0]), int(header[1]), int(header[2])
+    if (magic, version) == (MAGIC_U16, VERSION_U16):
+        dtype = np.dtype("<u2")
+    elif (magic, version) == (MAGIC_U32, VERSION_U32):
+        dtype = np.dtype("<u4")
+    elif magic in (MAGIC_U16, MAGIC_U32):
+        raise ShardError(f"{path}: unsupported shard version {version} for magic {magic} "
+                         f"(expected {VERSION_U16} for uint16 or {VERSION_U32} for uint32 shards)")
+    else:
+        raise ShardError(f"{path}: bad magic number {magic}: not a token shard "
+                         f"(expected {MAGIC_U16} or {MAGIC_U32})")
+    if count < 0:
+        raise ShardError(f"{path}: negative token count {count} in the header")
+    want = HEADER_BYTES + count * dtype.itemsize
+    if size != want:
+        what = "truncated" if size < want else "has trailing bytes"
+        raise ShardError(f"{path}: shard {what}: header says {count} tokens ({want} bytes) but the file has "
+                         f"{size} bytes (re-run gptlab prepare)")
+    return count, dtype
+
+
+def read_shard(path: str | os.PathLike) -> np.memmap:
+    """Memory-map a shard's tokens (read-only, uint16 or uint32) after checking its header and size."""
+    count, dtype = read_header(path)
+    if count == 0:
+        return np.zeros(0, dtype=dtype)  # type: ignore[return-value]  # mmap cannot map 0 bytes
+    return np.memmap(path, dtype=dtype, mode="r", offset=HEADER_BYTES, shape=(count,))
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    """SHA-256 of a whole file, read in 4 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def check_token_range(path: str | os.PathLike, vocab_size: int, chunk: int = 1 << 24) -> None:
+    """Raise :class:`ShardError` if any token in the shard is ``>= vocab_size``."""
+    tokens = read_shard(path)
+    for start in range(0, tokens.size, chunk):
+        block = np.asarray(tokens[start:start + chunk])
+        top = int(block.max()) if block.size else -1
+        if top >= vocab_size:
+            where = start + int(np.argmax(block >= vocab_size))
+            raise ShardError(f"{path}: token {int(tokens[where])} at position {where} is >= the vocabulary "
+                             f"size {vocab_size} in manifest.json (wrong tokenizer or corrupt shard)")
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    """Write JSON to a temporary file in the same directory, fsync, then rename over ``path``."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=2, ensure_ascii=False)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def build_manifest(*, dataset: str, tokenizer_spec: dict[str, Any], vocab_size: int, eot_id: int | None,
+                   shards: Iterable[dict[str, Any]], source: dict[str, Any] | None = None,
+                   extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The manifest dict (see module docstring); ``shards`` are ``{"file","split","tokens","sha256"}``."""
+    from gptlab import __version__
+
+    shards = [dict(s) for s in shards]
+    splits: dict[str, dict[str, int]] = {}
+    for s in shards:
+        sp = splits.setdefault(s["split"], {"tokens": 0, "shards": 0})
+        sp["tokens"] += int(s["tokens"])
+        sp["shards"] += 1
+    dtype = token_dtype(vocab_size)
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "format_version": MANIFEST_VERSION,
+        "dataset": dataset,
+        "tokenizer": tokenizer_spec,
+        "vocab_size": int(vocab_size),
+        "eot_id": eot_id,
+        "dtype": dtype.name,
+        "shard_header": {"ints": HEADER_INTS, "magic": int(_header_for(dtype, 0)[0]),
+                         "version": int(_header_for(dtype, 0)[1])},
+        "splits": splits,
+        "shards": shards,
+        "source": source or {},
+        "gptlab_version": __version__,
+    }
+    if extra:
+        manifest.update(extra)
+    return manifest
+
+
+def write_manifest(data_dir: str | os.PathLike, manifest: dict[str, Any]) -> Path:
+    """Atomically write ``manifest.json`` into ``data_dir`` (do this after every shard is complete)."""
+    path = Path(data_dir) / MANIFEST
+    write_json_atomic(path, manifest)
+    return path
+
+
+def read_manifest(data_dir: str | os.PathLike) -> dict[str, Any]:
+    """Read and sanity-check ``DIR/manifest.json``; raise :class:`ShardError` naming the problem."""
+    d = Path(data_dir)
+    path = d / MANIFEST if d.is_dir() or not d.name.endswith(".json") else d
+    if not path.is_file():
+        if not Path(data_dir).exists():
+            raise ShardError(f"{data_dir}: dataset directory not found (create it with: gptlab prepare NAME --out {data_dir})")
+        raise ShardError(f"{path}: no manifest.json, so this is not a prepared dataset (an interrupted "
+                         f"gptlab prepare leaves none; run it again)")
+    try:
+        m = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ShardError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}); re-run gptlab prepare") from None
+    if not isinstance(m, dict):
+        raise ShardError(f"{path}: expected a JSON object")
+    if m.get("format") != MANIFEST_FORMAT or m.get("format_version") != MANIFEST_VERSION:
+        raise ShardError(f"{path}: unknown manifest format {m.get('format')!r} version {m.get('format_version')!r} "
+                         f"(expected {MANIFEST_FORMAT!r} version {MANIFEST_VERSION})")
+    for key in ("tokenizer", "vocab_size", "eot_id", "shards"):
+        if key not in m:
+            raise ShardError(f"{path}: missing key {key!r}; re-run gptlab prepare")
+    if not isinstance(m["shards"], list) or not all(
+            isinstance(s, dict) and {"file", "split", "tokens", "sha256"} <= set(s) for s in m["shards"]):
+        raise ShardError(f"{path}: 'shards' must be a list of {{file, split, tokens, sha256}} objects")
+    for s in m["shards"]:
+        if Path(s["file"]).name != s["file"]:
+            raise ShardError(f"{path}: shard file {s['file']!r} must be a plain file name inside the dataset directory")
+    return m
+
+
+def shard_paths(data_dir: str | os.PathLike, split: str, manifest: dict[str, Any] | None = None) -> list[Path]:
+    """Paths of ``split``'s shards in manifest order."""
+    m = manifest if manifest is not None else read_manifest(data_dir)
+    return [Path(data_dir) / s["file"] for s in m["shards"] if s["split"] == split]
+
+
+def verify_dataset(data_dir: str | os.PathLike, *, check_hash: bool = True, check_tokens: bool = True) -> dict[str, Any]:
+    """Re-check a prepared dataset: every shard's header, size, count vs manifest, SHA-256 and token range.
+
+    Returns a summary ``{"dir", "ok", "dataset", "vocab_size", "splits": {split: {"tokens", "shards"}},
+    "shards_checked", "checked": [...]}``; the first problem raises :class:`ShardError` naming the file.
+    """
+    d = Path(data_dir)
+    m = read_manifest(d)
+    vocab = int(m["vocab_size"])
+    splits: dict[str, dict[str, int]] = {}
+    for s in m["shards"]:
+        path = d / s["file"]
+        count, dtype = read_header(path)
+        if count != int(s["tokens"]):
+            raise ShardError(f"{path}: header has {count} tokens but manifest.json says {s['tokens']}")
+        if dtype != token_dtype(vocab):
+            raise ShardError(f"{path}: {dtype.name} tokens but the vocabulary size {vocab} needs {token_dtype(vocab).name}")
+        if check_hash:
+            got = file_sha256(path)
+            if got != s["sha256"]:
+                raise ShardError(f"{path}: sha256 {got} does not match manifest.json ({s['sha256']}): the file "
+                                 f"changed or is corrupt; re-run gptlab prepare")
+        if check_tokens:
+            check_token_range(path, vocab)
+        sp = splits.setdefault(s["split"], {"tokens": 0, "shards": 0})
+        sp["tokens"] += count
+        sp["shards"] += 1
+    checked = [c for c, on in (("header", True), ("sha256", check_hash), ("token_range", check_tokens)) if on]
+    return {"dir": str(d), "ok": True, "dataset": m.get("dataset"), "vocab_size": vocab, "splits": splits,
+            "shards_checked": len(m["shards"]), "checked": checked}
