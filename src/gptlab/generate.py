@@ -1,0 +1,249 @@
+"""Sampling, gpt-fast style: ``logits_to_probs`` -> ``sample`` -> ``decode_one_token`` -> ``generate``.
+
+With the KV cache the prompt is run once (prefill), then each step feeds one token. Without it every
+step re-runs the last ``block_size`` tokens (nanoGPT's loop). Both see exactly the same context, so they
+produce the same tokens for greedy and seeded sampling:
+
+- a prompt longer than ``block_size`` is left-truncated to its last ``block_size`` tokens (with a
+  warning); the returned sequence still starts with the whole prompt;
+- past the window the context slides: the cache is refilled with the last ``block_size`` tokens for
+  each further token, which costs what the uncached loop costs (a full window per token).
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+import sys
+import time
+import warnings
+from typing import Iterator
+
+import torch
+
+from gptlab.errors import GptlabError
+
+
+def logits_to_probs(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+                    top_p: float | None = None) -> torch.Tensor:
+    """Next-token probabilities (..., V) in fp32 from logits (..., V).
+
+    ``temperature`` > 0 divides the logits; ``top_k`` keeps the k largest (ties with the k-th kept);
+    ``top_p`` keeps the smallest set of most likely tokens whose probability sums to at least ``top_p``
+    (after temperature and top-k). Temperature 0 (greedy) is handled by :func:`sample`.
+    """
+    if temperature <= 0:
+        raise ValueError("temperature must be > 0 here; sample() treats 0 as greedy")
+    logits = logits.float() / temperature
+    if top_k is not None and top_k > 0 and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]  # (..., 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if top_p is not None and 0.0 < top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
+        # Mass strictly before each token: a token is kept while that mass is still short of top_p,
+        # so the most likely token always survives.
+        before = sorted_probs.cumsum(dim=-1) - sorted_probs
+        drop_sorted = before >= top_p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        probs = probs.masked_fill(drop, 0.0)
+        probs = probs / probs.sum(dim=-1, keepdim=True)
+    return probs
+
+
+def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+           generator: torch.Generator | None = None) -> torch.Tensor:
+    """Token ids (B, 1) drawn from the last position's logits (B, V) or (B, T, V). Temperature 0: argmax."""
+    if logits.dim() == 3:
+        logits = logits[:, -1, :]
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    probs = logits_to_probs(logits, temperature, top_k, top_p)
+    return torch.multinomial(probs, num_samples=1, generator=generator)
+
+
+def decode_one_token(model, x: torch.Tensor, kv_cache=None, **sampling) -> torch.Tensor:
+    """Run ``x`` (B, T) through ``model`` (advancing ``kv_cache`` if given) and sample the next ids (B, 1)."""
+    logits, _ = model(x, kv_cache=kv_cache, last_only=True)  # (B, 1, V)
+    return sample(logits, **sampling)
+
+
+@torch.no_grad()
+def stream_generate(model, idx: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
+                    top_k: int | None = None, top_p: float | None = None,
+                    generator: torch.Generator | None = None, use_kv_cache: bool = True,
+                    stop_id: int | None = None, decode_fn=None) -> Iterator[torch.Tensor]:
+    """Yield the next token ids (B,) one step at a time, continuing ``idx`` (B, T).
+
+    With ``stop_id`` it stops once every row has produced it (rows that finished earlier keep
+    yielding ``stop_id``). ``decode_fn`` replaces :func:`decode_one_token` (e.g. a compiled one).
+    """
+    if idx.dim() != 2 or idx.size(1) == 0:
+        raise GptlabError("generate: idx must be a non-empty (batch, tokens) tensor; give at least one prompt token")
+    W = model.config.block_size
+    if idx.size(1) > W:
+        warnings.warn(f"prompt of {idx.size(1)} tokens is longer than the context window ({W}); "
+                      f"the model sees only its last {W} tokens", stacklevel=3)
+    step = decode_fn or decode_one_token
+    sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+    was_training = model.training
+    model.eval()
+    try:
+        seq = idx
+        B = idx.size(0)
+        done = torch.zeros(B, dtype=torch.bool, device=idx.device)
+        cache = None
+        if use_kv_cache:
+            cache = model.new_kv_cache(B, max_seq_len=min(W, idx.size(1) + max_new_tokens))
+        for i in range(max_new_tokens):
+            if cache is None:
+                nxt = step(model, seq[:, -W:], None, **sampling)
+            elif i == 0 or cache.pos >= cache.max_seq_len:
+                cache.reset()  # prefill, or the window is full: refill it with the last W tokens
+                nxt = step(model, seq[:, -W:], cache, **sampling)
+            else:
+                nxt = step(model, seq[:, -1:], cache, **sampling)
+            if stop_id is not None:
+                nxt = torch.where(done[:, None], torch.full_like(nxt, stop_id), nxt)
+                done |= nxt[:, 0] == stop_id
+            seq = torch.cat([seq, nxt], dim=1)
+            yield nxt[:, 0]
+            if stop_id is not None and bool(done.all()):
+                return
+    finally:
+        model.train(was_training)
+
+
+def generate(model, idx: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
+             top_k: int | None = None, top_p: float | None = None, generator: torch.Generator | None = None,
+             use_kv_cache: bool = True, stop_id: int | None = None, decode_fn=None) -> torch.Tensor:
+    """``idx`` (B, T) followed by up to ``max_new_tokens`` sampled tokens: (B, T + new).
+
+    Temperature 0 is greedy. Pass a seeded ``torch.Generator`` (on the model's device) for
+    reproducible sampling; see the module docstring for the context-window rules.
+    """
+    new = list(stream_generate(model, idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                               generator=generator, use_kv_cache=use_kv_cache, stop_id=stop_id,
+                               decode_fn=decode_fn))
+    if not new:
+        return idx
+    return torch.cat([idx, torch.stack(new, dim=1)], dim=1)
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+class TextStreamer:
+    """Turns token ids into text pieces, holding back incomplete UTF-8 (a BPE token can be half a character)."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tok = tokenizer
+        self.bytes_fn = getattr(tokenizer, "decode_bytes", None)
+        self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def push(self, token_id: int) -> str:
+        if self.bytes_fn is None:
+            return self.tok.decode([token_id])
+        return self.utf8.decode(self.bytes_fn([token_id]))
+
+    def flush(self) -> str:
+        return "" if self.bytes_fn is None else self.utf8.decode(b"", final=True)
+
+
+def read_prompt(prompt: str) -> str:
+    """``--prompt`` value: literal text, or ``FILE:path`` for a file's contents."""
+    if prompt.startswith("FILE:"):
+        path = prompt[5:]
+        try:
+            with open(path, encoding="utf-8") as f:
+                return f.read()
+        except OSError as e:
+            raise GptlabError(f"--prompt FILE:{path}: cannot read ({e.strerror})") from None
+    return prompt
+
+
+def _encode_prompt(tokenizer, text: str) -> list[int]:
+    ids = tokenizer.encode(text)
+    if not ids:
+        if tokenizer.eot_id is None:
+            raise GptlabError("--prompt is empty and this tokenizer has no end-of-text token to start from; "
+                              "give a prompt of at least one character")
+        ids = [tokenizer.eot_id]  # an empty prompt starts a fresh document, as GPT-2 was trained
+    return ids
+
+
+def cli_sample(args) -> int:
+    """``gptlab sample``: load ``--init``, sample ``--num-samples`` continuations of ``--prompt``."""
+    from gptlab.loading import load_model
+    from gptlab.runtime import resolve_device, resolve_dtype
+
+    for name, ok in (("num_samples", args.num_samples >= 1), ("max_new_tokens", args.max_new_tokens >= 0),
+                     ("temperature", args.temperature >= 0),
+                     ("top_k", args.top_k is None or args.top_k >= 1),
+                     ("top_p", args.top_p is None or 0.0 < args.top_p <= 1.0)):
+        if not ok:
+            raise GptlabError(f"--{name.replace('_', '-')} {getattr(args, name)}: out of range "
+                              "(num-samples >= 1, max-new-tokens >= 0, temperature >= 0, top-k >= 1, 0 < top-p <= 1)")
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    t0 = time.perf_counter()
+    model, tokenizer = load_model(args.init, device=device, dtype=dtype)
+    if tokenizer is None:
+        raise GptlabError(f"--init {args.init}: no tokenizer found with the model; sampling needs one "
+                          "(export it from gptlab, or use a GPT-2-vocabulary model)")
+    load_s = time.perf_counter() - t0
+    text = read_prompt(args.prompt)
+    prompt_ids = _encode_prompt(tokenizer, text)
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    decode_fn = None
+    if args.compile:
+        compiled = torch.compile(model, dynamic=True)
+        decode_fn = lambda m, x, kv, **kw: decode_one_token(compiled, x, kv, **kw)  # noqa: E731
+    kw = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, generator=gen,
+              use_kv_cache=not args.no_kv_cache, stop_id=None, decode_fn=decode_fn)
+    out_stream = sys.stderr if args.json else sys.stdout
+    samples: list[str] = []
+    completions: list[str] = []
+    new_tokens = 0
+    t1 = time.perf_counter()
+    if args.stream:
+        for n in range(args.num_samples):
+            if n:
+                print("\n---------------", file=out_stream, flush=True)
+            idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)
+            streamer = TextStreamer(tokenizer)
+            print(text, end="", file=out_stream, flush=True)
+            ids = []
+            for tok in stream_generate(model, idx, args.max_new_tokens, **kw):
+                ids.append(int(tok[0]))
+                piece = streamer.push(ids[-1])
+                if piece:
+                    print(piece, end="", file=out_stream, flush=True)
+            print(streamer.flush(), file=out_stream, flush=True)
+            new_tokens += len(ids)
+            completions.append(tokenizer.decode(ids))
+    else:
+        idx = torch.tensor([prompt_ids] * args.num_samples, dtype=torch.long, device=device)
+        out = generate(model, idx, args.max_new_tokens, **kw)
+        for row in out.tolist():
+            completions.append(tokenizer.decode(row[len(prompt_ids):]))
+            new_tokens += len(row) - len(prompt_ids)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    gen_s = time.perf_counter() - t1
+    samples = [text + c for c in completions]
+    tps = new_tokens / gen_s if gen_s > 0 else float("nan")
+    if args.json:
+        print(json.dumps({"samples": samples, "completions": completions, "prompt": text,
+                          "prompt_tokens": len(prompt_ids), "new_tokens": new_tokens, "seconds": round(gen_s, 4),
+                          "load_seconds": round(load_s, 4), "tokens_per_s": tps, "device": str(device),
+                          "dtype": str(dtype).removeprefix("torch."), "kv_cache": not args.no_kv_cache,
+                          "seed": args.seed, "init": str(args.init)}))
+    elif not args.stream:
+        for n, s in enumerate(samples):
+            if n:
+                print("---------------")
+            print(s)
+    print(f"{new_tokens} tokens in {gen_s:.2f}s ({tps:.1f} tokens/s, {device}, "
+          f"{'kv cache' if not args.no_kv_cache else 'no kv cache'})", file=sys.stderr)
+    return 0
