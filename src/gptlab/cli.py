@@ -77,8 +77,10 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--eval-every", type=int, help="validation every N steps (0: off)")
     p.add_argument("--checkpoint-every", type=int, help="checkpoint every N steps (0: only at the end)")
     p.add_argument("--time-limit", type=float, help="stop cleanly (checkpoint, exit 0) after this many minutes")
-    _device_arg(p)
+    # No default here: an unset flag must not override the recipe's system.device.
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N, mps, or auto (default: the recipe's, auto)")
     p.add_argument("--seed", type=int, help="random seed")
+    _json_arg(p)
 
 
 def add_sample(sub: argparse._SubParsersAction) -> None:
@@ -107,6 +109,7 @@ def add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output directory (written atomically)")
     p.add_argument("--format", default="hf", choices=["hf"])
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
+    _json_arg(p)
 
 
 def add_eval(sub: argparse._SubParsersAction) -> None:
@@ -143,10 +146,13 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--seq", type=int, default=None, help="sequence length (default: the preset's context)")
     t.add_argument("--steps", type=int, default=10, help="timed steps")
     t.add_argument("--warmup", type=int, default=3)
+    t.add_argument("--rounds", type=int, default=5, help="alternating A/B rounds the timed steps are split over")
     t.add_argument("--dtype", default="auto")
     t.add_argument("--compile", action="store_true")
     t.add_argument("--vs-hf", action="store_true", help="also time transformers' GPT2LMHeadModel, alternating A/B")
     t.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="model config overrides")
+    t.add_argument("--compile-hf", action="store_true", help="with --vs-hf: torch.compile transformers' model too")
+    t.add_argument("--threads", type=int, default=0, help="CPU threads for torch (default: torch's choice)")
     _device_arg(t)
     _json_arg(t)
     g = bsub.add_parser("generate", help="decode throughput with the KV cache")
@@ -158,6 +164,9 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--compile", action="store_true")
     g.add_argument("--vs-hf", action="store_true", help="also time transformers' generate")
     g.add_argument("--no-cache-baseline", action="store_true", help="also time the no-KV-cache loop")
+    g.add_argument("--rounds", type=int, default=3, help="timed generations per contender, alternating")
+    g.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="model config overrides (presets)")
+    g.add_argument("--threads", type=int, default=0, help="CPU threads for torch (default: torch's choice)")
     _device_arg(g)
     _json_arg(g)
     pr = bsub.add_parser("prepare", help="tokenization throughput for 1..N workers")
@@ -182,6 +191,8 @@ def add_plot(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--x", choices=["step", "tokens"], default="step")
     p.add_argument("--log", action="store_true", help="log-scale loss axis")
     p.add_argument("--smooth", type=float, default=0.9, help="EMA smoothing of train loss (0 = none)")
+    p.add_argument("--title", default=None, help="figure title")
+    _json_arg(p)
 
 
 def build_parser() -> argparse.ArgumentParser:

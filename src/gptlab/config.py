@@ -287,3 +287,310 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(n_layer=2, n_head=4, n_embd=64, block_size=64, vocab_size=256),
     "modern": dict(n_layer=12, n_head=12, n_embd=768, **MODERN_ARCH),
 }
+
+
+# --------------------------------------------------------------------------- training
+# The training config: one dataclass per TOML table ([model], [data], [optim], ...). Defaults are the
+# GPT-2 124M recipe of build-nanogpt; gptlab/configs/*.toml hold the named recipes.
+
+
+@dataclass
+class TrainModelConfig(ModelConfig):
+    """The ``[model]`` table: a :class:`ModelConfig` plus where its starting weights come from.
+
+    ``vocab_size = 0`` (the default here) takes the vocabulary from the dataset's manifest.
+    With ``init`` set, the architecture comes from that source and only ``dropout`` applies.
+    """
+
+    vocab_size: int = 0
+    init: str = ""  # "" = random init; else a gptlab.loading.load_model source (gpt2, HF dir, run dir)
+
+    def __post_init__(self) -> None:
+        if self.vocab_size < 0:
+            raise ConfigError(f"model.vocab_size must be >= 0 (0 = from the dataset), got {self.vocab_size}")
+        auto = self.vocab_size == 0
+        if auto:  # validate everything else with a placeholder vocabulary
+            self.vocab_size = 1
+        try:
+            super().__post_init__()
+        finally:
+            if auto:
+                self.vocab_size = 0
+
+    def to_model_config(self, vocab_size: int | None = None) -> ModelConfig:
+        """The plain :class:`ModelConfig` the network is built from."""
+        d = {f.name: getattr(self, f.name) for f in fields(ModelConfig)}
+        if vocab_size is not None:
+            d["vocab_size"] = vocab_size
+        if d["vocab_size"] < 1:
+            raise ConfigError("model.vocab_size is 0 (from the dataset) but no dataset vocabulary is known")
+        return ModelConfig(**d)
+
+
+@dataclass
+class TrainDataConfig:
+    """The ``[data]`` table. ``dir`` empty = the dataset's default dir (prepared on first use)."""
+
+    dir: str = ""  # prepared dataset directory (manifest.json); --data
+    dataset: str = "fineweb_edu_10b"  # name for automatic `gptlab prepare` when dir has no manifest
+    input: str = ""  # local file/glob passed to prepare (e.g. tinyshakespeare.txt)
+    tokenizer: str = ""  # tokenizer for automatic prepare ("" = the dataset's own)
+    field: str = "text"
+    val_fraction: float | None = None
+    shuffle: bool = False  # False: read shards in order (build-nanogpt); True: seeded random order
+    seed: int = 0
+
+
+@dataclass
+class OptimConfig:
+    """The ``[optim]`` table: optimizer and learning-rate schedule (see ``gptlab.optim.lr_at``)."""
+
+    optimizer: str = "adamw"  # "adamw" | "muon" (Muon on 2-D hidden weights, AdamW for the rest)
+    lr: float = 6e-4
+    min_lr: float | None = None  # absolute floor of the decay; None -> lr * min_lr_ratio
+    min_lr_ratio: float = 0.1
+    betas: tuple[float, ...] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.1  # on >= 2-D tensors only (matmul weights and embeddings)
+    grad_clip: float = 1.0  # 0 = off
+    warmup_steps: int = 715
+    decay: str = "cosine"  # "cosine" | "linear" | "constant" | "wsd"
+    decay_steps: int = 0  # step where the decay reaches min_lr; 0 = schedule.max_steps
+    wsd_decay_frac: float = 0.2  # wsd: fraction of decay_steps spent in the final linear cooldown
+    fused: bool = True  # fused AdamW kernel where available (CUDA)
+    muon_lr: float = 0.02
+    muon_momentum: float = 0.95
+    muon_weight_decay: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in ("adamw", "muon"):
+            raise ConfigError(f"optim.optimizer={self.optimizer!r}: expected adamw or muon")
+        if self.decay not in ("cosine", "linear", "constant", "wsd"):
+            raise ConfigError(f"optim.decay={self.decay!r}: expected cosine, linear, constant or wsd")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError(f"optim.betas={list(self.betas)}: expected two numbers in [0, 1), e.g. 0.9,0.95")
+        self.betas = tuple(self.betas)
+        for name in ("lr", "eps", "weight_decay", "grad_clip", "min_lr_ratio", "muon_lr", "muon_weight_decay"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"optim.{name} must be >= 0, got {getattr(self, name)}")
+        if self.min_lr is not None and self.min_lr > self.lr:
+            raise ConfigError(f"optim.min_lr={self.min_lr} is above optim.lr={self.lr}")
+        if self.warmup_steps < 0 or self.decay_steps < 0:
+            raise ConfigError("optim.warmup_steps and optim.decay_steps must be >= 0")
+        if not 0.0 <= self.wsd_decay_frac <= 1.0:
+            raise ConfigError(f"optim.wsd_decay_frac must be in [0, 1], got {self.wsd_decay_frac}")
+
+    @property
+    def final_lr(self) -> float:
+        return self.min_lr if self.min_lr is not None else self.lr * self.min_lr_ratio
+
+
+@dataclass
+class BatchConfig:
+    """The ``[batch]`` table. Gradient accumulation = batch_tokens / (micro_batch * seq_len * world size)."""
+
+    batch_tokens: int = 524_288  # 2**19 tokens per optimizer step, all ranks and micro-steps
+    micro_batch: int = 64  # sequences per forward/backward on one rank
+    seq_len: int = 0  # 0 = model.block_size
+
+    def __post_init__(self) -> None:
+        for name in ("batch_tokens", "micro_batch"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"batch.{name} must be >= 1, got {getattr(self, name)}")
+        if self.seq_len < 0:
+            raise ConfigError(f"batch.seq_len must be >= 0 (0 = model.block_size), got {self.seq_len}")
+
+
+@dataclass
+class ScheduleConfig:
+    """The ``[schedule]`` table."""
+
+    max_steps: int = 19_073  # 10B tokens / 524,288 tokens per step
+
+    def __post_init__(self) -> None:
+        if self.max_steps < 1:
+            raise ConfigError(f"schedule.max_steps must be >= 1, got {self.max_steps}")
+
+
+@dataclass
+class EvalConfig:
+    """The ``[eval]`` table. ``*_every = 0`` turns that evaluation off; all also run at the last step."""
+
+    eval_every: int = 250
+    eval_tokens: int = 10_485_760  # build-nanogpt: 20 steps x 64 x 1024 on 8 GPUs; 0 = the whole val split
+    sample_every: int = 250
+    sample_prompt: str = "Hello, I'm a language model,"
+    sample_tokens: int = 32
+    num_samples: int = 2
+    sample_temperature: float = 1.0
+    sample_top_k: int = 50
+    hellaswag_every: int = 0
+    hellaswag_input: str = ""
+    hellaswag_limit: int = 0  # 0 = all 10,042 validation examples
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and v < 0:
+                raise ConfigError(f"eval.{f.name} must be >= 0, got {v}")
+
+
+@dataclass
+class CheckpointConfig:
+    """The ``[checkpoint]`` table. A checkpoint is always written at the end and on a clean stop."""
+
+    every: int = 1000  # 0 = only at the end / on stop
+    keep_last: int = 2  # 0 = keep all
+    keep_best: bool = True  # also keep the checkpoint with the lowest val loss
+
+    def __post_init__(self) -> None:
+        if self.every < 0 or self.keep_last < 0:
+            raise ConfigError("checkpoint.every and checkpoint.keep_last must be >= 0")
+
+
+@dataclass
+class SystemConfig:
+    """The ``[system]`` table."""
+
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps (under torchrun: cuda:LOCAL_RANK)
+    dtype: str = "auto"  # auto (bf16 on GPUs that have it, fp16 + GradScaler on older ones, fp32 on CPU) | bf16 | fp16 | fp32
+    compile: bool = False
+    tf32: bool = True
+    seed: int = 1337
+    time_limit: float = 0.0  # minutes; 0 = none. Stops cleanly (checkpoint, exit 0)
+    fsdp: bool = False  # FSDP2 (fully_shard) instead of DDP when world size > 1
+    threads: int = 0  # torch CPU threads; 0 = torch's default
+
+    def __post_init__(self) -> None:
+        if self.dtype.lower() not in ("auto", "bf16", "bfloat16", "fp16", "float16", "fp32", "float32"):
+            raise ConfigError(f"system.dtype={self.dtype!r}: expected auto, bf16, fp16 or fp32")
+        if self.time_limit < 0:
+            raise ConfigError(f"system.time_limit must be >= 0 minutes, got {self.time_limit}")
+
+
+@dataclass
+class LoggingConfig:
+    """The ``[logging]`` table."""
+
+    log_every: int = 1  # print a step line every N steps (metrics.jsonl gets every step)
+    progress: bool = True  # tqdm bar on stderr
+    wandb: bool = False
+    wandb_project: str = "gptlab"
+    wandb_run_name: str = ""
+    tensorboard: bool = False
+
+    def __post_init__(self) -> None:
+        if self.log_every < 1:
+            raise ConfigError(f"logging.log_every must be >= 1, got {self.log_every}")
+
+
+@dataclass
+class TrainConfig:
+    """Everything ``gptlab train`` needs. Precedence: defaults < TOML (--config) < flags < --section.key=value."""
+
+    name: str = "run"  # recipe name; the default run dir is runs/<name>
+    out_dir: str = ""  # run directory; --out
+    resume: str = ""  # "" (refuse to touch an existing run) | "auto" | "never" (start over)
+    model: TrainModelConfig = field(default_factory=lambda: TrainModelConfig(pad_vocab_multiple=128))
+    data: TrainDataConfig = field(default_factory=TrainDataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    system: SystemConfig = field(default_factory=SystemConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def __post_init__(self) -> None:
+        if self.resume not in ("", "auto", "never"):
+            raise ConfigError(f"resume={self.resume!r}: expected auto or never")
+        seq = self.seq_len
+        if seq > self.model.block_size:
+            raise ConfigError(f"batch.seq_len={seq} exceeds model.block_size={self.model.block_size}: "
+                              f"lower batch.seq_len or raise model.block_size")
+
+    @property
+    def seq_len(self) -> int:
+        return self.batch.seq_len or self.model.block_size
+
+    def grad_accum_steps(self, world_size: int) -> int:
+        """Micro-steps per optimizer step; an error naming workable values if it does not divide."""
+        per_micro = self.batch.micro_batch * self.seq_len * world_size
+        if self.batch.batch_tokens % per_micro:
+            lo = max(per_micro, self.batch.batch_tokens // per_micro * per_micro)
+            options = [f"batch.batch_tokens={lo}", f"batch.batch_tokens={lo + per_micro}"]
+            divisors = [m for m in range(1, self.batch.micro_batch * 2 + 1)
+                        if self.batch.batch_tokens % (m * self.seq_len * world_size) == 0]
+            if divisors:
+                options.append(f"batch.micro_batch={max(divisors)}")
+            raise ConfigError(
+                f"batch.batch_tokens={self.batch.batch_tokens} is not a multiple of micro_batch x seq_len x "
+                f"world_size = {self.batch.micro_batch} x {self.seq_len} x {world_size} = {per_micro}; "
+                f"use e.g. {' or '.join(options)}")
+        return self.batch.batch_tokens // per_micro
+
+
+# CLI flag -> config key (flags win over the TOML file; --section.key=value overrides win over flags).
+TRAIN_FLAGS: dict[str, str] = {
+    "data": "data.dir", "out": "out_dir", "max_steps": "schedule.max_steps", "resume": "resume",
+    "init": "model.init", "micro_batch": "batch.micro_batch", "batch_tokens": "batch.batch_tokens",
+    "eval_every": "eval.eval_every", "checkpoint_every": "checkpoint.every", "time_limit": "system.time_limit",
+    "device": "system.device", "seed": "system.seed",
+}
+
+
+def _recipe_path(name: str) -> Path:
+    """A recipe name (gptlab/configs/NAME.toml) or a path to a TOML file."""
+    p = Path(name)
+    if p.suffix == ".toml" or p.exists() or os.sep in name:
+        if not p.is_file():
+            raise ConfigError(f"--config {name}: file not found")
+        return p
+    from importlib import resources
+
+    base = resources.files("gptlab").joinpath("configs")
+    cand = base.joinpath(f"{name}.toml")
+    if not cand.is_file():
+        names = sorted(q.name[:-5] for q in base.iterdir() if q.name.endswith(".toml"))
+        raise ConfigError(f"--config {name}: no such recipe{closest(name, names)}; "
+                          f"choose from {', '.join(names)} or give a .toml path")
+    return Path(str(cand))
+
+
+def load_recipe(name: str, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The TOML dict of a recipe, with ``base = "other-recipe"`` expanded (the base first, this file wins)."""
+    path = _recipe_path(name)
+    data = load_toml(path)
+    base = data.pop("base", None)
+    if base:
+        if base in _seen:
+            raise ConfigError(f"{path}: recipes include each other in a loop ({' -> '.join(_seen + (base,))})")
+        data = merge(load_recipe(base, _seen + (name,)), data)
+    data.setdefault("name", Path(name).stem if path.suffix == ".toml" else name)
+    return data
+
+
+def set_dotted(d: dict[str, Any], key: str, value: Any) -> None:
+    node = d
+    parts = key.split(".")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+    node[parts[-1]] = value
+
+
+def resolve_train_config(config: str | None = None, flags: dict[str, Any] | None = None,
+                         overrides: typing.Iterable[str] = ()) -> TrainConfig:
+    """Build a :class:`TrainConfig`: defaults < recipe/TOML < ``flags`` (TRAIN_FLAGS names) < overrides."""
+    data: dict[str, Any] = load_recipe(config) if config else {}
+    for flag, value in (flags or {}).items():
+        if value is None:
+            continue
+        if flag not in TRAIN_FLAGS:
+            raise ConfigError(f"unknown train flag {flag!r}{closest(flag, TRAIN_FLAGS)}")
+        set_dotted(data, TRAIN_FLAGS[flag], value)
+    data = merge(data, parse_overrides(overrides))
+    try:
+        return from_dict(TrainConfig, data, "")
+    except ConfigError as e:
+        msg = str(e)
+        raise ConfigError("config" + msg if msg.startswith(":") else msg) from None
