@@ -103,11 +103,12 @@ def _batches(items: Iterable[tuple[Any, str]], batch_chars: int) -> Iterator[lis
 
 
 def encode_stream(items: Iterable[tuple[Any, str]], encode: Callable[[list[str]], list[np.ndarray]],
-                  workers: int = 1, batch_chars: int = BATCH_CHARS) -> Iterator[tuple[Any, np.ndarray]]:
+                  workers: int = 1, batch_chars: int | None = None) -> Iterator[tuple[Any, np.ndarray]]:
     """Encode ``(tag, text)`` items in ``workers`` threads, yielding ``(tag, tokens)`` in input order.
 
     At most ``2 * workers`` batches are in flight, so memory is bounded on unbounded streams.
     """
+    batch_chars = batch_chars or BATCH_CHARS
     if workers <= 1:
         for batch in _batches(items, batch_chars):
             yield from zip((tag for tag, _ in batch), encode([t for _, t in batch]))
@@ -129,7 +130,7 @@ def encode_stream(items: Iterable[tuple[Any, str]], encode: Callable[[list[str]]
 
 
 def tokenize_documents(docs: Iterable[str], tokenizer: Tokenizer, workers: int = 0, *, eot: bool = True,
-                       batch_chars: int = BATCH_CHARS) -> Iterator[np.ndarray]:
+                       batch_chars: int | None = None) -> Iterator[np.ndarray]:
     """Tokens of each document in order (``[eot] + tokens`` when ``eot`` and the tokenizer has one).
 
     This is prepare's own parallel path; ``gptlab bench prepare`` times it for 1..N workers.
@@ -270,7 +271,7 @@ def prepare_dataset(name: str, *, input: str | os.PathLike | None = None, out: s
     total = 0
     last_post = 0.0
     try:
-        for (i, first, split), toks in encode_stream(items(), make_encoder(tok), workers):
+        for (i, first, split), toks in encode_stream(items(), make_encoder(tok), workers, BATCH_CHARS):
             new_doc = first
             if first:
                 ndocs += 1
@@ -323,6 +324,10 @@ def prepare_dataset(name: str, *, input: str | os.PathLike | None = None, out: s
             "seconds": round(seconds, 4), "tokens_per_s": round(total / max(seconds, 1e-9), 1), "workers": workers}
 
 
+def _n(k: int, word: str) -> str:
+    return f"{k} {word}{'' if k == 1 else 's'}"
+
+
 def cli_prepare(args: argparse.Namespace) -> int:
     """``gptlab prepare NAME [...]`` / ``gptlab prepare --verify DIR``."""
     as_json = getattr(args, "json", False)
@@ -333,7 +338,7 @@ def cli_prepare(args: argparse.Namespace) -> int:
         if as_json:
             print(json.dumps(res))
         else:
-            parts = ", ".join(f"{sp} {v['tokens']:,} tokens ({v['shards']} shards)" for sp, v in res["splits"].items())
+            parts = ", ".join(f"{sp} {v['tokens']:,} tokens ({_n(v['shards'], 'shard')})" for sp, v in res["splits"].items())
             print(f"OK {res['dir']}: {parts}; checked {', '.join(res['checked'])}")
         return 0
     if not args.name:
@@ -345,7 +350,7 @@ def cli_prepare(args: argparse.Namespace) -> int:
     if as_json:
         print(json.dumps(res))
     else:
-        parts = ", ".join(f"{sp} {v['tokens']:,} tokens ({len(v['shards'])} shards)" for sp, v in res["splits"].items())
+        parts = ", ".join(f"{sp} {v['tokens']:,} tokens ({_n(len(v['shards']), 'shard')})" for sp, v in res["splits"].items())
         print(f"prepared {res['dataset']} -> {res['out']}: {parts}; vocab {res['vocab_size']:,}; "
               f"{res['seconds']:.1f} s, {res['tokens_per_s'] / 1e6:.2f}M tokens/s")
     return 0

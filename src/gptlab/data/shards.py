@@ -81,9 +81,11 @@ def write_shard(path: str | os.PathLike, tokens: Any, vocab_size: int) -> str:
         arr = arr.reshape(-1)
     if arr.size > MAX_SHARD_TOKENS:
         raise ShardError(f"{path}: {arr.size} tokens exceed the format's {MAX_SHARD_TOKENS} per shard")
-    if arr.size and (not np.issubdtype(arr.dtype, np.integer) or int(arr.min()) < 0 or int(arr.max()) >= vocab_size):
-        bad = arr[(arr < 0) | (arr >= vocab_size)] if np.issubdtype(arr.dtype, np.integer) else arr[:1]
-        raise ShardError(f"{path}: token id {bad[0]!r} is outside the vocabulary [0, {vocab_size})")
+    if arr.size and not np.issubdtype(arr.dtype, np.integer):
+        raise ShardError(f"{path}: tokens must be integers, got {arr.dtype}")
+    if arr.size and (int(arr.min()) < 0 or int(arr.max()) >= vocab_size):
+        bad = arr[(arr < 0) | (arr >= vocab_size)]
+        raise ShardError(f"{path}: token id {bad[0].item()!r} is outside the vocabulary [0, {vocab_size})")
     data = arr.astype(dtype.newbyteorder("<"), copy=False)
     header = _header_for(dtype, int(data.size))
     h = hashlib.sha256()

@@ -157,29 +157,55 @@ def expand_input(spec: str | os.PathLike | Iterable[str | os.PathLike]) -> list[
 def is_safe_cut(text: str, i: int) -> bool:
     """True when GPT-2 tokenization of ``text[:i]`` + ``text[i:]`` equals that of ``text``.
 
-    The GPT-2 pre-tokenizer regex never joins a lone newline that sits between two non-space
-    characters to either neighbour, and BPE never merges across pre-tokens, so cutting right after
-    such a newline leaves every token unchanged (tiktoken's regex has no look-behind).
+    GPT-2's pre-tokenizer regex makes a newline between two non-space characters a pre-token of
+    its own (``"\\n"``, or ``"\\r"`` + ``"\\n"`` for CRLF), and BPE never merges across pre-tokens;
+    cutting right after the LF (or between CR and LF) therefore leaves every token unchanged, since
+    the regex has no look-behind and ``\\s++$`` at a piece's end matches the same newline alone.
     """
-    return 2 <= i < len(text) and text[i - 1] == "\n" and not text[i].isspace() and not text[i - 2].isspace()
+    if not 2 <= i < len(text):
+        return False
+    if text[i - 1] == "\n":  # ...X\n|Y...
+        return not text[i].isspace() and not text[i - 2].isspace()
+    # ...X\r|\nY...
+    return (text[i - 1] == "\r" and text[i] == "\n" and i + 1 < len(text) and not text[i + 1].isspace()
+            and not text[i - 2].isspace())
+
+
+def _safe_cut_at(text: str, j: int) -> int:
+    """A safe cut next to the newline at ``text[j]``, or -1."""
+    if is_safe_cut(text, j + 1):
+        return j + 1
+    return j if is_safe_cut(text, j) else -1
 
 
 def _last_safe_cut(text: str, lo: int) -> int:
-    i = text.rfind("\n", lo)
-    while i >= lo:
-        if is_safe_cut(text, i + 1):
-            return i + 1
-        i = text.rfind("\n", lo, i)
+    j = text.rfind("\n", lo)
+    while j >= lo:
+        if (cut := _safe_cut_at(text, j)) > 0:
+            return cut
+        j = text.rfind("\n", lo, j)
     return -1
 
 
-def iter_safe_pieces(blocks: Iterable[str], piece_chars: int = PIECE_CHARS) -> Iterator[str]:
+def _first_safe_cut(text: str, lo: int) -> int:
+    j = text.find("\n", max(lo - 1, 0))
+    while j >= 0:
+        if (cut := _safe_cut_at(text, j)) > 0:
+            return cut
+        j = text.find("\n", j + 1)
+    return -1
+
+
+def iter_safe_pieces(blocks: Iterable[str], piece_chars: int | None = None) -> Iterator[str]:
     """Re-cut a stream of text blocks into pieces of about ``piece_chars`` at token-preserving cuts."""
+    piece_chars = piece_chars or PIECE_CHARS
     buf = ""
     for block in blocks:
         buf += block
         while len(buf) >= 2 * piece_chars:
             cut = _last_safe_cut(buf[: 2 * piece_chars], piece_chars // 2)
+            if cut <= 0:
+                cut = _first_safe_cut(buf, 2 * piece_chars)
             if cut <= 0:
                 break  # no safe cut yet: keep reading (a single huge line stays in one piece)
             yield buf[:cut]
@@ -188,8 +214,9 @@ def iter_safe_pieces(blocks: Iterable[str], piece_chars: int = PIECE_CHARS) -> I
         yield buf
 
 
-def iter_text_pieces(text: str, piece_chars: int = PIECE_CHARS) -> Iterator[str]:
+def iter_text_pieces(text: str, piece_chars: int | None = None) -> Iterator[str]:
     """An in-memory text as token-preserving pieces."""
+    piece_chars = piece_chars or PIECE_CHARS
     yield from iter_safe_pieces((text[i:i + piece_chars] for i in range(0, len(text), piece_chars)), piece_chars)
 
 
