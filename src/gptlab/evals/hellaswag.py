@@ -26,27 +26,12 @@ import torch
 import torch.nn.functional as F
 
 from gptlab.errors import GptlabError
+from gptlab.evals import GPT2_HELLASWAG_ACC, GPT2_HELLASWAG_ACC_NORM, GPT3_HELLASWAG_ACC_NORM  # noqa: F401
 
 HELLASWAG_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_{split}.jsonl"
 # Example counts of the released splits; a download with another count is incomplete or wrong.
 HELLASWAG_SIZES = {"train": 39_905, "val": 10_042}
 
-# Completion-style acc_norm of OpenAI's GPT-2 weights on the full val split (10,042 examples),
-# the numbers the GPT-2 reproduction reports with this scoring (124M: acc 0.2859, acc_norm 0.2955).
-GPT2_HELLASWAG_ACC_NORM: dict[str, float] = {
-    "gpt2": 0.2955,  # 124M
-    "gpt2-medium": 0.375,  # 350M
-    "gpt2-large": 0.432,  # 774M
-    "gpt2-xl": 0.489,  # 1558M
-}
-# GPT-3 paper (Brown et al. 2020, appendix table H.1), zero-shot HellaSwag accuracy, the usual line for
-# "a model of the same size trained on 300B tokens".
-GPT3_HELLASWAG_ACC_NORM: dict[str, float] = {
-    "gpt3-125m": 0.337,
-    "gpt3-350m": 0.436,
-    "gpt3-760m": 0.510,
-    "gpt3-1.3b": 0.547,
-}
 NUM_ENDINGS = 4
 
 
