@@ -57,7 +57,8 @@ def _resolve_files(data: str | os.PathLike | Sequence[str | os.PathLike], split:
     if isinstance(data, (str, os.PathLike)):
         paths = sorted(Path(p) for p in globlib.glob(str(data)))
         if not paths:
-            raise LoaderError(f"{data}: no dataset directory or .bin shards match (prepare one with gptlab prepare)")
+            raise LoaderError(f"{data}: not found: no dataset directory or .bin shard matches; "
+                              f"create one with: gptlab prepare NAME --out {data}")
         desc = str(data)
     else:
         paths = [Path(p) for p in data]
