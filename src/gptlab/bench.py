@@ -1,0 +1,569 @@
+"""Throughput benchmarks: training step, decoding, tokenization and the token loader.
+
+Every number here is measured in one process. Comparisons against ``transformers`` alternate
+A/B/A/B rounds so that a noisy, shared machine slows both sides alike, and report medians.
+CUDA is synchronised before every timer read; nothing else in a timed region syncs with the host.
+
+FLOPs per token (training, forward + backward) follow the PaLM appendix B / nanoGPT estimate:
+``6 * N + 12 * L * H * Q * T`` with N the parameters without position embeddings, L layers,
+H heads, Q head size and T the sequence length (the second term is attention's QK^T and AV).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from gptlab.config import ModelConfig, MODEL_PRESETS, ConfigError, closest, parse_overrides
+from gptlab.errors import GptlabError
+from gptlab.model import GPT
+from gptlab.runtime import autocast, resolve_device, resolve_dtype
+
+# Dense bf16 tensor-core peaks (TFLOP/s) from the vendors' data sheets; the first matching name wins,
+# so more specific names come first.
+PEAK_BF16_TFLOPS: list[tuple[str, float]] = [
+    ("H200", 989.0),
+    ("GH200", 989.0),
+    ("H100 PCIe", 756.0),
+    ("H100", 989.0),  # SXM / HBM3
+    ("A100", 312.0),
+    ("L40S", 362.0),
+    ("A10G", 70.0),
+    ("RTX 4090", 165.0),
+]
+# HBM bandwidth peaks (GB/s) for the decoding bandwidth-utilisation figure.
+PEAK_HBM_GBPS: list[tuple[str, float]] = [
+    ("H200", 4800.0),
+    ("GH200", 4000.0),
+    ("H100 PCIe", 2000.0),
+    ("H100", 3350.0),
+    ("A100-SXM4-80GB", 2039.0),
+    ("A100 80GB PCIe", 1935.0),
+    ("A100", 1555.0),
+    ("L40S", 864.0),
+    ("A10G", 600.0),
+    ("RTX 4090", 1008.0),
+]
+
+
+# --------------------------------------------------------------------------- environment
+
+
+def _lookup(table: list[tuple[str, float]], device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, value in table:
+        if key in name:
+            return value
+    return None
+
+
+def device_name(device: torch.device) -> str:
+    """Human name of the device: the GPU name, or the CPU model from /proc/cpuinfo."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    """What a benchmark number depends on: device, library versions, threads, load, commit."""
+    env: dict[str, Any] = {
+        "device": str(device),
+        "device_name": device_name(device),
+        "torch_version": torch.__version__,
+        "python_version": platform.python_version(),
+        "num_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "commit": _git_commit(),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    try:
+        env["loadavg"] = [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        env["loadavg"] = None
+    try:
+        import transformers
+
+        env["transformers_version"] = transformers.__version__
+    except ImportError:
+        env["transformers_version"] = None
+    return env
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _max_rss_mb() -> float:
+    # ru_maxrss is KiB on Linux, bytes on macOS.
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024
+
+
+def _summary(times_s: list[float]) -> dict[str, float]:
+    return {"median_ms": 1e3 * statistics.median(times_s), "mean_ms": 1e3 * statistics.fmean(times_s),
+            "min_ms": 1e3 * min(times_s), "max_ms": 1e3 * max(times_s)}
+
+
+def _say(msg: str, quiet: bool) -> None:
+    if not quiet:
+        print(msg, file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- models
+
+
+def resolve_model_config(name: str, overrides: list[str] | dict[str, Any] | None = None) -> ModelConfig:
+    """A model preset (gpt2, tiny, ...) or a training recipe / TOML file (its ``[model]`` section),
+    then ``key=value`` overrides. A recipe's ``vocab_size = 0`` ("from the dataset") becomes 65 for
+    character datasets and GPT-2's 50257 otherwise."""
+    sets = overrides if isinstance(overrides, dict) else _parse_sets(overrides or [])
+    if name in MODEL_PRESETS:
+        return ModelConfig.from_preset(name, **sets)
+    from gptlab.config import from_dict, load_recipe
+
+    try:
+        recipe = load_recipe(name)
+    except ConfigError:
+        raise GptlabError(f"--model {name!r}: not a model preset{closest(name, MODEL_PRESETS)} "
+                          f"({', '.join(MODEL_PRESETS)}) nor a recipe (gptlab train --config names) "
+                          f"or .toml file") from None
+    section = dict(recipe.get("model", {}))
+    if not section.get("vocab_size"):
+        dataset = str(recipe.get("data", {}).get("dataset", ""))
+        section["vocab_size"] = 65 if "char" in dataset else 50257
+    return from_dict(ModelConfig, {**section, **sets}, "model")
+
+
+def _parse_sets(items: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in parse_overrides(items).items():
+        key = key[len("model."):] if key.startswith("model.") else key
+        if isinstance(value, dict):
+            raise ConfigError(f"--set {key}: expected KEY=VALUE with a model key such as n_layer=4")
+        out[key] = value
+    return out
+
+
+def hf_twin(model: GPT) -> tuple[torch.nn.Module, str]:
+    """A transformers model computing the same function as ``model``, and its architecture name.
+
+    Uses :func:`gptlab.hf.to_hf_model` (GPT-2, Llama or Qwen3). A bias-free GPT-2 (nanoGPT's
+    ``bias=False`` recipes) has no HF twin; it becomes GPT2LMHeadModel with zero biases, which
+    computes the same function at step 0 (HF then trains its biases, so losses drift apart).
+    """
+    from gptlab.hf import hf_architecture, to_hf_model
+
+    cfg = model.config
+    try:
+        arch = hf_architecture(cfg)
+    except GptlabError as e:
+        if cfg.bias or not dataclasses.replace(cfg, bias=True).is_gpt2:
+            raise GptlabError(f"--vs-hf: {e}") from None
+        return _hf_gpt2_zero_bias(model), "gpt2-zero-bias"
+    hf = to_hf_model(model)
+    if hasattr(hf, "tie_weights"):
+        hf.tie_weights()
+    return hf, arch
+
+
+def _hf_gpt2_zero_bias(model: GPT) -> torch.nn.Module:
+    # gptlab.hf refuses bias=False on purpose (export must be exact); for a speed twin zero biases do.
+    from gptlab.hf import config_to_hf
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = model.config
+    hf_cfg = dict(config_to_hf(dataclasses.replace(cfg, bias=True)))
+    hf_cfg.pop("model_type")
+    p = next(model.parameters())
+    hf = GPT2LMHeadModel(GPT2Config(**hf_cfg)).to(device=p.device, dtype=p.dtype)
+    src = model.state_dict()
+    with torch.no_grad():
+        for key, tensor in hf.state_dict().items():
+            if key == "lm_head.weight":
+                continue  # tied to wte
+            if key not in src:  # a bias the bias-free model does not have
+                tensor.zero_()
+                continue
+            value = src[key]
+            if key.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")):
+                value = value.t()  # nn.Linear (out, in) -> Conv1D (in, out)
+            tensor.copy_(value[:cfg.vocab_size] if key == "transformer.wte.weight" else value)
+    hf.tie_weights()
+    return hf.eval()
+
+
+def _make_optimizer(model: torch.nn.Module, device: torch.device) -> torch.optim.Optimizer:
+    # The GPT-2 recipe's AdamW; fused on CUDA, foreach (the default multi-tensor path) elsewhere.
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}]
+    kwargs = {"fused": True} if device.type == "cuda" else {}
+    return torch.optim.AdamW(groups, lr=6e-4, betas=(0.9, 0.95), eps=1e-8, **kwargs)
+
+
+def flops_per_token(cfg: ModelConfig, n_params: int, seq_len: int) -> int:
+    """Training FLOPs per token: 6N + 12 * L * H * Q * T (N without position embeddings)."""
+    return 6 * n_params + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * seq_len
+
+
+# --------------------------------------------------------------------------- bench train
+
+
+def bench_train(model: str = "gpt2", *, batch: int = 8, seq: int | None = None, steps: int = 10, warmup: int = 3,
+                rounds: int = 5, dtype: str = "auto", compile: bool = False, compile_hf: bool = False,
+                vs_hf: bool = False, overrides: list[str] | dict[str, Any] | None = None, device: str = "auto", seed: int = 0,
+                quiet: bool = False) -> dict[str, Any]:
+    """Time optimizer steps (forward + backward + AdamW) of a gptlab model, optionally against
+    transformers' GPT2LMHeadModel with the same weights, shapes, dtype and optimizer.
+
+    ``steps`` timed steps per model are split over ``rounds`` alternating rounds (A then B each round).
+    ``compile`` compiles the gptlab model, ``compile_hf`` transformers' one.
+    """
+    if batch < 1 or steps < 1 or warmup < 0 or rounds < 1:
+        raise GptlabError("bench train: --batch and --steps must be >= 1, --warmup >= 0")
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    cfg = resolve_model_config(model, overrides)
+    T = seq or cfg.block_size
+    if T > cfg.block_size:
+        raise GptlabError(f"--seq {T} exceeds the model's context (block_size={cfg.block_size}); "
+                          f"lower --seq or pass --set block_size={T}")
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.device(dev):
+        net = GPT(cfg)
+    net.init_weights(torch.Generator(device=dev).manual_seed(seed) if dev.type == "cuda" else gen)
+    n_params = net.num_params(non_embedding=True)
+    x = torch.randint(0, cfg.vocab_size, (batch, T + 1), generator=gen).to(dev)
+    x, y = x[:, :-1].contiguous(), x[:, 1:].contiguous()
+
+    contenders: dict[str, dict[str, Any]] = {}
+
+    def add(name: str, module: torch.nn.Module, step_loss: Callable[[torch.nn.Module], torch.Tensor],
+            compiled: bool) -> None:
+        opt = _make_optimizer(module, dev)
+        fn = torch.compile(module) if compiled else module
+
+        def step() -> torch.Tensor:
+            opt.zero_grad(set_to_none=True)
+            with autocast(dev, dt):
+                loss = step_loss(fn)
+            loss.backward()
+            opt.step()
+            return loss.detach()
+
+        contenders[name] = {"step": step, "times": [], "losses": [], "module": module}
+
+    if vs_hf:
+        hf, hf_arch = hf_twin(net)  # copied before any step: both start from the same weights
+        hf.train()
+        # The same targets and loss for both: HF's own ``labels=`` path would score T-1 shifted positions.
+        add("gptlab", net.train(), lambda m: m(x, y)[1], compile)
+        add("hf", hf, lambda m: F.cross_entropy(m(input_ids=x).logits.float().view(-1, cfg.vocab_size),
+                                                  y.view(-1)), compile_hf)
+    else:
+        add("gptlab", net.train(), lambda m: m(x, y)[1], compile)
+
+    peak: dict[str, float] = {}
+    for name, c in contenders.items():  # warm-up: allocator, compile, optimizer state
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
+        t0 = time.perf_counter()
+        for _ in range(warmup):
+            c["losses"].append(c["step"]())
+        _sync(dev)
+        c["warmup_s"] = time.perf_counter() - t0
+        peak[name] = (torch.cuda.max_memory_allocated(dev) / 2**20) if dev.type == "cuda" else _max_rss_mb()
+        _say(f"bench train: {name} warm-up {warmup} steps in {c['warmup_s']:.1f}s", quiet)
+
+    per_round = [steps // rounds + (1 if r < steps % rounds else 0) for r in range(rounds)]
+    for r, n in enumerate(per_round):
+        for name, c in contenders.items():
+            if dev.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(dev)
+            for _ in range(n):
+                _sync(dev)
+                t0 = time.perf_counter()
+                loss = c["step"]()
+                _sync(dev)
+                c["times"].append(time.perf_counter() - t0)
+                c["losses"].append(loss)
+            if dev.type == "cuda":
+                peak[name] = max(peak[name], torch.cuda.max_memory_allocated(dev) / 2**20)
+        if n:
+            _say(f"bench train: round {r + 1}/{rounds}: " + ", ".join(
+                f"{k} {1e3 * statistics.median(c['times']):.1f} ms/step" for k, c in contenders.items()), quiet)
+
+    tokens_per_step = batch * T
+    fpt = flops_per_token(cfg, n_params, T)
+    peak_flops = _lookup(PEAK_BF16_TFLOPS, dev)
+    out: dict[str, Any] = {
+        "bench": "train", "model": model, "overrides": _parse_sets(overrides) if isinstance(overrides, list)
+        else (overrides or {}), "config": json.loads(cfg.to_json()), "batch": batch, "seq": T, "steps": steps,
+        "warmup": warmup, "rounds": rounds, "dtype": str(dt).replace("torch.", ""), "compile": compile,
+        "n_params": net.num_params(), "n_params_non_embedding": n_params,
+        "flops_per_token": fpt, "flops_formula": "6*N + 12*L*H*Q*T", "tokens_per_step": tokens_per_step,
+        **environment(dev),
+    }
+    g = contenders["gptlab"]
+    s = _summary(g["times"])
+    out.update(ms_per_step=s["median_ms"], ms_per_step_mean=s["mean_ms"], ms_per_step_min=s["min_ms"],
+               tokens_per_s=tokens_per_step / (s["median_ms"] / 1e3), warmup_s=g["warmup_s"])
+    out["mfu"] = (fpt * out["tokens_per_s"] / (peak_flops * 1e12)) if peak_flops else None
+    out["peak_tflops"] = peak_flops
+    out["peak_memory_mb"] = peak["gptlab"]
+    out["peak_memory_kind"] = "cuda_max_memory_allocated" if dev.type == "cuda" else "cpu_max_rss"
+    out["loss_first"] = g["losses"][0].item() if g["losses"] else None
+    out["loss_last"] = g["losses"][-1].item()
+    if vs_hf:
+        h = contenders["hf"]
+        hs = _summary(h["times"])
+        out.update(hf_ms_per_step=hs["median_ms"], hf_ms_per_step_mean=hs["mean_ms"],
+                   hf_tokens_per_s=tokens_per_step / (hs["median_ms"] / 1e3), hf_warmup_s=h["warmup_s"],
+                   hf_peak_memory_mb=peak["hf"], hf_loss_first=h["losses"][0].item() if h["losses"] else None,
+                   hf_loss_last=h["losses"][-1].item(), hf_architecture=hf_arch,
+                   hf_attn_implementation=getattr(hf.config, "_attn_implementation", None),
+                   hf_compile=compile_hf)
+        out["hf_mfu"] = (fpt * out["hf_tokens_per_s"] / (peak_flops * 1e12)) if peak_flops else None
+        out["speedup_vs_hf"] = out["tokens_per_s"] / out["hf_tokens_per_s"]
+        if dev.type != "cuda":
+            out["hf_peak_memory_mb"] = peak["hf"]  # process high-water mark: includes the gptlab model
+    return out
+
+
+# --------------------------------------------------------------------------- bench generate
+
+
+def _load_for_generate(model: str, overrides: Any, dev: torch.device, dt: torch.dtype, seed: int
+                       ) -> tuple[GPT, str]:
+    """A random-init preset/recipe, or trained weights through gptlab.loading (Hub name, HF dir, run dir)."""
+    if not Path(model).exists():
+        cfg = resolve_model_config(model, overrides)
+        with torch.device(dev):
+            net = GPT(cfg)
+        net.init_weights(torch.Generator(device=dev).manual_seed(seed))
+        return net.to(dt), "random-init"
+    if overrides:
+        raise GptlabError("--set applies to presets only, not to a trained model source")
+    from gptlab.loading import load_model
+
+    net, _tok = load_model(model, device=str(dev), dtype=dt)
+    return net.to(dt), "weights"
+
+
+def decode_bytes_per_step(net: GPT, batch: int, context: float) -> float:
+    """Bytes one decode step reads from memory: every weight once (wpe only one row, ignored) plus the
+    K and V cache of ``context`` positions for every layer."""
+    cfg = net.config
+    elt = next(net.parameters()).element_size()
+    weights = sum(p.numel() for n, p in net.named_parameters() if not n.endswith("wpe.weight")) * elt
+    kv = 2 * cfg.n_layer * batch * cfg.kv_heads * cfg.head_dim * context * elt
+    return weights + kv
+
+
+def bench_generate(model: str = "gpt2", *, batch: int = 1, prompt_tokens: int = 16, new_tokens: int = 128,
+                   rounds: int = 3, dtype: str = "auto", compile: bool = False, vs_hf: bool = False,
+                   no_cache_baseline: bool = False, overrides: list[str] | dict[str, Any] | None = None,
+                   device: str = "auto", seed: int = 0, quiet: bool = False) -> dict[str, Any]:
+    """Greedy decoding throughput of ``gptlab.generate.generate`` with the KV cache, optionally against
+    transformers' ``generate`` on the same weights and against the no-cache loop.
+
+    Each round runs one full generation (prefill + ``new_tokens`` steps) per contender, in turn.
+    """
+    from gptlab.generate import generate
+
+    if batch < 1 or prompt_tokens < 1 or new_tokens < 1 or rounds < 1:
+        raise GptlabError("bench generate: --batch, --prompt-tokens, --new-tokens and --rounds must be >= 1")
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    torch.manual_seed(seed)
+    net, weights = _load_for_generate(model, overrides, dev, dt, seed)
+    net.eval()
+    cfg = net.config
+    if prompt_tokens + new_tokens > cfg.block_size:
+        raise GptlabError(f"--prompt-tokens {prompt_tokens} + --new-tokens {new_tokens} exceed the context "
+                          f"(block_size={cfg.block_size})")
+    idx = torch.randint(0, cfg.vocab_size, (batch, prompt_tokens), generator=torch.Generator().manual_seed(seed))
+    idx = idx.to(dev)
+    N = new_tokens
+    kwargs: dict[str, Any] = {}
+    if compile:  # as ``gptlab sample --compile``: dynamic shapes, so the growing cache does not recompile
+        from gptlab.generate import decode_one_token
+
+        compiled = torch.compile(net, dynamic=True)
+        kwargs["decode_fn"] = lambda m, x, kv, **kw: decode_one_token(compiled, x, kv, **kw)
+
+    out_extra: dict[str, Any] = {}
+    runners: dict[str, Callable[[], torch.Tensor]] = {
+        "gptlab": lambda: generate(net, idx, N, temperature=0.0, use_kv_cache=True, **kwargs)}
+    if vs_hf:
+        hf, hf_arch = hf_twin(net)
+        hf.eval()
+        out_extra["hf_architecture"] = hf_arch
+        mask = torch.ones_like(idx)
+        runners["hf"] = lambda: hf.generate(input_ids=idx, attention_mask=mask, do_sample=False,
+                                            min_new_tokens=N, max_new_tokens=N)
+    if no_cache_baseline:
+        runners["no_cache"] = lambda: generate(net, idx, N, temperature=0.0, use_kv_cache=False)
+
+    times: dict[str, list[float]] = {k: [] for k in runners}
+    outputs: dict[str, torch.Tensor] = {}
+    peak: dict[str, float] = {}
+    with torch.inference_mode():
+        for name, run in runners.items():  # warm-up (and compile) outside the timed rounds
+            if dev.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(dev)
+            t0 = time.perf_counter()
+            outputs[name] = run()
+            _sync(dev)
+            peak[name] = (torch.cuda.max_memory_allocated(dev) / 2**20) if dev.type == "cuda" else _max_rss_mb()
+            _say(f"bench generate: {name} warm-up {time.perf_counter() - t0:.1f}s", quiet)
+        for r in range(rounds):
+            for name, run in runners.items():
+                _sync(dev)
+                t0 = time.perf_counter()
+                run()
+                _sync(dev)
+                times[name].append(time.perf_counter() - t0)
+            _say(f"bench generate: round {r + 1}/{rounds}: " + ", ".join(
+                f"{k} {batch * N / statistics.median(v):,.1f} tokens/s" for k, v in times.items()), quiet)
+
+    out: dict[str, Any] = {
+        "bench": "generate", "model": model, "weights": weights, "config": json.loads(cfg.to_json()),
+        "batch": batch, "prompt_tokens": prompt_tokens, "new_tokens": N, "rounds": rounds,
+        "dtype": str(dt).replace("torch.", ""), "compile": compile, "n_params": net.num_params(),
+        "timing": "one generate() call: prefill of the prompt plus new_tokens decode steps, median over rounds",
+        **out_extra, **environment(dev),
+    }
+    med = {k: statistics.median(v) for k, v in times.items()}
+    out["seconds"] = med["gptlab"]
+    out["tokens_per_s"] = batch * N / med["gptlab"]
+    out["ms_per_token"] = 1e3 * med["gptlab"] / N
+    out["peak_memory_mb"] = peak["gptlab"]
+    out["peak_memory_kind"] = "cuda_max_memory_allocated" if dev.type == "cuda" else "cpu_max_rss"
+    peak_bw = _lookup(PEAK_HBM_GBPS, dev)
+    bytes_step = decode_bytes_per_step(net, batch, prompt_tokens + N / 2)
+    out["bytes_per_decode_step"] = bytes_step
+    out["memory_bandwidth_gbps"] = bytes_step * (N / med["gptlab"]) / 1e9
+    out["peak_memory_bandwidth_gbps"] = peak_bw
+    out["memory_bandwidth_utilization"] = (out["memory_bandwidth_gbps"] / peak_bw) if peak_bw else None
+
+    def agreement(other: str) -> float:
+        a, b = outputs["gptlab"][:, prompt_tokens:], outputs[other][:, prompt_tokens:]
+        if a.shape != b.shape:
+            return 0.0
+        return (a == b).float().mean().item()
+
+    if vs_hf:
+        out["hf_seconds"] = med["hf"]
+        out["hf_tokens_per_s"] = batch * N / med["hf"]
+        out["speedup_vs_hf"] = out["tokens_per_s"] / out["hf_tokens_per_s"]
+        out["hf_peak_memory_mb"] = peak["hf"]
+        out["greedy_agreement_vs_hf"] = agreement("hf")
+    if no_cache_baseline:
+        out["no_cache_seconds"] = med["no_cache"]
+        out["no_cache_tokens_per_s"] = batch * N / med["no_cache"]
+        out["speedup_vs_no_cache"] = out["tokens_per_s"] / out["no_cache_tokens_per_s"]
+        out["greedy_agreement_vs_no_cache"] = agreement("no_cache")
+    return out
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def _set_threads(n: int) -> None:
+    if n and n > 0:
+        torch.set_num_threads(n)
+
+
+def _emit(result: dict[str, Any], as_json: bool, lines: list[str]) -> None:
+    if as_json:
+        print(json.dumps(result))
+    else:
+        print("\n".join(lines))
+
+
+def _fmt_train(r: dict[str, Any]) -> list[str]:
+    lines = [f"device: {r['device_name']} ({r['device']}), torch {r['torch_version']}, dtype {r['dtype']}, "
+             f"threads {r['num_threads']}, load {r['loadavg']}",
+             f"model {r['model']}: {r['n_params'] / 1e6:.2f}M params, batch {r['batch']} x seq {r['seq']}, "
+             f"compile={r['compile']}",
+             f"gptlab: {r['ms_per_step']:.2f} ms/step (mean {r['ms_per_step_mean']:.2f}), "
+             f"{r['tokens_per_s']:,.0f} tokens/s, peak memory {r['peak_memory_mb']:.0f} MB"
+             + (f", MFU {100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "")]
+    if "hf_tokens_per_s" in r:
+        lines.append(f"transformers: {r['hf_ms_per_step']:.2f} ms/step, {r['hf_tokens_per_s']:,.0f} tokens/s"
+                     + (f", MFU {100 * r['hf_mfu']:.1f}%" if r.get("hf_mfu") is not None else ""))
+        lines.append(f"speedup vs transformers: {r['speedup_vs_hf']:.2f}x")
+    return lines
+
+
+def cli_bench_train(args: Any) -> int:
+    """``gptlab bench train``."""
+    _set_threads(getattr(args, "threads", 0))
+    r = bench_train(args.model, batch=args.batch, seq=args.seq, steps=args.steps, warmup=args.warmup,
+                    rounds=getattr(args, "rounds", 5), dtype=args.dtype, compile=args.compile,
+                    compile_hf=getattr(args, "compile_hf", False), vs_hf=args.vs_hf, overrides=args.set,
+                    device=args.device, quiet=args.json)
+    _emit(r, args.json, _fmt_train(r))
+    return 0
+
+
+def _fmt_generate(r: dict[str, Any]) -> list[str]:
+    lines = [f"device: {r['device_name']} ({r['device']}), torch {r['torch_version']}, dtype {r['dtype']}, "
+             f"threads {r['num_threads']}, load {r['loadavg']}",
+             f"model {r['model']} ({r['weights']}): {r['n_params'] / 1e6:.2f}M params, batch {r['batch']}, "
+             f"prompt {r['prompt_tokens']} + {r['new_tokens']} new tokens",
+             f"gptlab (KV cache): {r['tokens_per_s']:,.1f} tokens/s ({r['ms_per_token']:.2f} ms/token)"
+             + (f", {100 * r['memory_bandwidth_utilization']:.1f}% of HBM bandwidth"
+                if r.get("memory_bandwidth_utilization") is not None else "")]
+    if "hf_tokens_per_s" in r:
+        lines.append(f"transformers generate: {r['hf_tokens_per_s']:,.1f} tokens/s -> "
+                     f"{r['speedup_vs_hf']:.2f}x (greedy tokens equal: {100 * r['greedy_agreement_vs_hf']:.0f}%)")
+    if "no_cache_tokens_per_s" in r:
+        lines.append(f"no-cache loop: {r['no_cache_tokens_per_s']:,.1f} tokens/s -> {r['speedup_vs_no_cache']:.2f}x")
+    return lines
+
+
+def cli_bench_generate(args: Any) -> int:
+    """``gptlab bench generate``."""
+    _set_threads(getattr(args, "threads", 0))
+    r = bench_generate(args.model, batch=args.batch, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
+                       rounds=getattr(args, "rounds", 3), dtype=args.dtype, compile=args.compile,
+                       vs_hf=args.vs_hf, no_cache_baseline=args.no_cache_baseline,
+                       overrides=getattr(args, "set", None), device=args.device, quiet=args.json)
+    _emit(r, args.json, _fmt_generate(r))
+    return 0

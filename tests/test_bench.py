@@ -1,0 +1,136 @@
+"""gptlab bench: every command runs end to end on tiny sizes and prints the documented JSON keys.
+
+No timing assertions (speed lives in BENCHMARKS.md); the checks are on what a benchmark must get
+right regardless of speed: both contenders compute the same function, the derived figures follow
+from the measured ones, and FLOP / byte counts match an independent count.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from gptlab import bench
+from gptlab.cli import main
+from gptlab.config import ModelConfig
+from gptlab.model import GPT
+
+TRAIN_KEYS = {"bench", "model", "config", "batch", "seq", "dtype", "device", "device_name", "torch_version",
+              "commit", "loadavg", "num_threads", "ms_per_step", "ms_per_step_mean", "tokens_per_s", "mfu",
+              "flops_per_token", "flops_formula", "peak_memory_mb", "loss_first", "loss_last"}
+HF_TRAIN_KEYS = {"hf_tokens_per_s", "speedup_vs_hf", "hf_ms_per_step", "hf_loss_first", "hf_peak_memory_mb"}
+
+
+def run_json(capsys, argv: list[str]) -> dict:
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if line.strip()]
+    assert len(lines) == 1, out  # exactly one JSON object on stdout
+    return json.loads(lines[0])
+
+
+def test_bench_train_vs_hf_json(capsys):
+    r = run_json(capsys, ["bench", "train", "--model", "tiny", "--batch", "2", "--seq", "16", "--steps", "4",
+                          "--warmup", "1", "--rounds", "2", "--vs-hf", "--device", "cpu", "--json",
+                          "--set", "n_layer=1", "dropout=0"])
+    assert TRAIN_KEYS | HF_TRAIN_KEYS <= r.keys()
+    assert r["config"]["n_layer"] == 1
+    assert r["tokens_per_step"] == 2 * 16
+    assert r["tokens_per_s"] == pytest.approx(32 / (r["ms_per_step"] / 1e3))
+    assert r["speedup_vs_hf"] == pytest.approx(r["tokens_per_s"] / r["hf_tokens_per_s"])
+    assert r["mfu"] is None and r["peak_memory_kind"] == "cpu_max_rss"  # no MFU without a GPU peak
+    # Same weights, data, loss and optimizer: the two models must walk the same loss path
+    # (with biases: a bias-free model maps onto HF's zero biases, which then train and diverge).
+    assert r["hf_loss_first"] == pytest.approx(r["loss_first"], abs=1e-5)
+    assert r["hf_loss_last"] == pytest.approx(r["loss_last"], abs=1e-4)
+    assert r["loss_last"] < r["loss_first"]  # 5 AdamW steps on one batch must reduce its loss
+
+
+def test_bench_train_human_output_goes_to_stdout_progress_to_stderr(capsys):
+    assert main(["bench", "train", "--model", "tiny", "--batch", "1", "--seq", "8", "--steps", "1",
+                 "--warmup", "0", "--rounds", "1", "--device", "cpu"]) == 0
+    cap = capsys.readouterr()
+    assert "tokens/s" in cap.out and "bench train:" in cap.err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "gtp2"], "did you mean 'gpt2'"),
+    (["--model", "tiny", "--seq", "65"], "exceeds the model's context"),
+    (["--model", "tiny", "--set", "n_layr=2"], "did you mean 'n_layer'"),
+    (["--model", "tiny", "--vs-hf", "--set", "norm=rmsnorm"], "no Hugging Face architecture"),
+])
+def test_bench_train_user_errors_are_one_line(capsys, argv, message):
+    assert main(["bench", "train", "--device", "cpu", "--steps", "1", "--warmup", "0", *argv]) == 1
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("sets", [{}, {"bias": False, "pad_vocab_multiple": 128, "vocab_size": 200}])
+def test_hf_copy_computes_the_same_function(sets):
+    torch.manual_seed(0)
+    net = GPT(ModelConfig.from_preset("tiny", **sets)).eval()
+    hf, arch = bench.hf_twin(net)
+    assert arch == ("gpt2" if net.config.bias else "gpt2-zero-bias")
+    x = torch.randint(0, net.config.vocab_size, (2, 20))
+    with torch.no_grad():
+        ours, _ = net(x)
+        theirs = hf(input_ids=x).logits
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
+def test_flops_per_token_gpt2():
+    cfg = ModelConfig.from_preset("gpt2")
+    with torch.device("meta"):
+        n = GPT(cfg).num_params(non_embedding=True)
+    assert n == 124_439_808 - 1024 * 768  # position embeddings excluded
+    # Independent count: per layer 12 C^2 weights (+ biases, norms), plus wte and ln_f.
+    C, L, V = 768, 12, 50257
+    per_layer = 12 * C * C + 13 * C  # qkv 3C^2+3C, proj C^2+C, fc 4C^2+4C, fc_proj 4C^2+C, 2 norms 4C
+    assert n == L * per_layer + V * C + 2 * C
+    assert bench.flops_per_token(cfg, n, 1024) == 6 * n + 12 * 12 * 12 * 64 * 1024
+
+
+def test_peak_tables(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    cuda = torch.device("cuda")
+    assert bench._lookup(bench.PEAK_BF16_TFLOPS, cuda) == 989.0
+    assert bench._lookup(bench.PEAK_HBM_GBPS, cuda) == 3350.0
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 PCIe")
+    assert bench._lookup(bench.PEAK_BF16_TFLOPS, cuda) == 756.0
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-40GB")
+    assert bench._lookup(bench.PEAK_BF16_TFLOPS, cuda) == 312.0
+    assert bench._lookup(bench.PEAK_BF16_TFLOPS, torch.device("cpu")) is None
+
+
+def test_decode_bytes_per_step_counts_weights_and_cache():
+    cfg = ModelConfig.from_preset("tiny")
+    net = GPT(cfg)
+    weights = 4 * (net.num_params() - cfg.block_size * cfg.n_embd)
+    kv = 4 * 2 * cfg.n_layer * 3 * cfg.n_embd * 10  # batch 3, 10 cached positions, K and V
+    assert bench.decode_bytes_per_step(net, 3, 10) == weights + kv
+
+
+def test_bench_generate_json(capsys):
+    pytest.importorskip("gptlab.generate")
+    r = run_json(capsys, ["bench", "generate", "--model", "tiny", "--batch", "2", "--prompt-tokens", "4",
+                          "--new-tokens", "12", "--rounds", "1", "--vs-hf", "--no-cache-baseline",
+                          "--device", "cpu", "--json"])
+    for key in ("tokens_per_s", "hf_tokens_per_s", "speedup_vs_hf", "no_cache_tokens_per_s",
+                "speedup_vs_no_cache", "ms_per_token", "memory_bandwidth_gbps", "device", "torch_version"):
+        assert key in r, key
+    assert r["tokens_per_s"] == pytest.approx(2 * 12 / r["seconds"])
+    assert r["memory_bandwidth_utilization"] is None  # CPU: no HBM peak
+    # Greedy decoding of one model three ways must give the same tokens.
+    assert r["greedy_agreement_vs_no_cache"] == 1.0
+    assert r["greedy_agreement_vs_hf"] == 1.0
+    assert math.isfinite(r["speedup_vs_hf"])
+
+
+def test_recipe_model_section():
+    cfg = bench.resolve_model_config("shakespeare-char-cpu", ["dropout=0.1"])
+    # The recipe inherits bias=false and vocab "from the dataset" from shakespeare-char.
+    assert (cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.block_size) == (4, 4, 128, 64)
+    assert cfg.bias is False and cfg.vocab_size == 65 and cfg.dropout == 0.1
