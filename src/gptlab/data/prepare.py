@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import collections
 import concurrent.futures as cf
+import itertools
 import json
 import math
 import os
@@ -246,9 +247,9 @@ def prepare_dataset(name: str, *, input: str | os.PathLike | None = None, out: s
     frac = val_fraction if val_fraction is not None else (info.val_fraction if info.val_fraction is not None else 0.1)
     val_tokens = shard_tokens  # first_tokens: build-nanogpt's first shard
 
-    out_dir = _resolve_out(name, out, overwrite)
     vocab = tok.vocab_size
     dtype = S.token_dtype(vocab)
+    out_dir = Path(out).expanduser() if out else sources.default_data_dir(name)
     writers = {sp: ShardWriter(out_dir, name, sp, shard_tokens, vocab) for sp in ("train", "val")}
     use_eot = info.layout == "documents" and tok.eot_id is not None
     eot = np.array([tok.eot_id if tok.eot_id is not None else 0], dtype=dtype)
@@ -262,6 +263,13 @@ def prepare_dataset(name: str, *, input: str | os.PathLike | None = None, out: s
             if first:  # an empty document still counts (and still gets its EOT)
                 yield (i, True, doc.split), ""
 
+    # Pull the first piece before touching --out: an offline source fails here and leaves nothing behind.
+    stream = items()
+    head = next(stream, None)
+    stream = itertools.chain([head] if head is not None else [], stream)
+    out_dir = _resolve_out(name, out, overwrite)
+    for w in writers.values():
+        w.out_dir = out_dir
     bar = None
     if progress:
         from tqdm import tqdm
@@ -271,7 +279,7 @@ def prepare_dataset(name: str, *, input: str | os.PathLike | None = None, out: s
     total = 0
     last_post = 0.0
     try:
-        for (i, first, split), toks in encode_stream(items(), make_encoder(tok), workers, BATCH_CHARS):
+        for (i, first, split), toks in encode_stream(stream, make_encoder(tok), workers, BATCH_CHARS):
             new_doc = first
             if first:
                 ndocs += 1
@@ -308,6 +316,10 @@ def prepare_dataset(name: str, *, input: str | os.PathLike | None = None, out: s
         hint = ("the first --shard-tokens tokens are val (build-nanogpt's first shard); pass a smaller "
                 "--shard-tokens or --val-fraction F" if rule == "first_tokens" else "give it more text")
         raise PrepareError(f"{name}: no training tokens out of {total:,} ({hint})")
+    warnings = []
+    if frac > 0 and rule != "hf_split" and writers["val"].tokens == 0:
+        warnings.append(f"{name}: the val split is empty ({ndocs} documents, val rule {rule!r}); "
+                        f"evaluation needs one: pass a larger --val-fraction or more documents")
     seconds = time.perf_counter() - t0
     shard_list = writers["train"].shards + writers["val"].shards
     source_info = {**source_info, "val_rule": rule,
@@ -321,7 +333,8 @@ def prepare_dataset(name: str, *, input: str | os.PathLike | None = None, out: s
               for sp, w in writers.items() if w.tokens or sp == "train"}
     return {"dataset": name, "out": str(out_dir), "tokenizer": tok.spec()["type"], "vocab_size": vocab,
             "eot_id": tok.eot_id, "val_rule": rule, "documents": ndocs, "splits": splits,
-            "seconds": round(seconds, 4), "tokens_per_s": round(total / max(seconds, 1e-9), 1), "workers": workers}
+            "seconds": round(seconds, 4), "tokens_per_s": round(total / max(seconds, 1e-9), 1), "workers": workers,
+            "warnings": warnings}
 
 
 def _n(k: int, word: str) -> str:
@@ -347,6 +360,8 @@ def cli_prepare(args: argparse.Namespace) -> int:
                           shard_tokens=args.shard_tokens, val_fraction=args.val_fraction, field=args.field,
                           tokenizer=args.tokenizer, max_docs=args.max_docs, overwrite=args.overwrite,
                           progress=not as_json or sys.stderr.isatty())
+    for w in res["warnings"]:
+        print(f"gptlab prepare: warning: {w}", file=sys.stderr)
     if as_json:
         print(json.dumps(res))
     else:
