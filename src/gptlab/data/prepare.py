@@ -14,9 +14,10 @@ Validation split rules (``DatasetInfo.val_rule``), all deterministic and streama
 
 * ``chars`` (shakespeare, shakespeare_char, text): the last ``val_fraction`` of the characters is val,
   as nanoGPT's ``data[int(n*0.9):]`` (``text``: per file, cut at a byte offset moved to a character start).
-* ``fraction`` (pydocs, jsonl, openwebtext, and any corpus given ``--val-fraction``): document ``i`` (from 0)
-  is val when ``floor((i+1)*f) > floor(i*f)``: exactly ``floor(n*f)`` documents, evenly spread
-  (documents 9, 19, 29, ... for f = 0.1), so a corpus sorted by topic or date is sampled throughout.
+* ``fraction`` (pydocs, jsonl, openwebtext, and any corpus given ``--val-fraction``): whole documents; a
+  document goes to val when the val tokens so far are fewer than ``f`` x all tokens so far. Val ends
+  within one document of ``f`` of the tokens, spread through the corpus (a corpus sorted by topic or
+  date is sampled throughout), decided in stream order, so it needs no total in advance.
 * ``first_tokens`` (fineweb_*): the first ``--shard-tokens`` tokens of the stream are val, the
   document that crosses the boundary continuing into train: build-nanogpt's "shard 0 is val".
 * ``hf_split`` (tinystories): the Hub's own validation split.
@@ -29,7 +30,6 @@ import collections
 import concurrent.futures as cf
 import itertools
 import json
-import math
 import os
 import sys
 import time
@@ -277,6 +277,7 @@ def prepare_dataset(name: str, *, input: str | os.PathLike | None = None, out: s
         bar = tqdm(desc=f"prepare {name}", unit=" docs", file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
     ndocs = 0
     total = 0
+    doc_split = "train"
     last_post = 0.0
     try:
         for (i, first, split), toks in encode_stream(stream, make_encoder(tok), workers, BATCH_CHARS):
@@ -287,7 +288,10 @@ def prepare_dataset(name: str, *, input: str | os.PathLike | None = None, out: s
                     toks = np.concatenate([eot, toks])
             if split is None:
                 if rule == "fraction":
-                    split = "val" if math.floor((i + 1) * frac) > math.floor(i * frac) else "train"
+                    if first:  # decided once per document, at its first piece
+                        held = writers["val"].tokens
+                        doc_split = "val" if held < frac * (held + writers["train"].tokens) else "train"
+                    split = doc_split
                 else:
                     split = "train"
                     room = val_tokens - writers["val"].tokens if rule == "first_tokens" else 0

@@ -44,7 +44,7 @@ class DatasetInfo:
     ``layout``: ``"text"`` is one running text split by characters and tokenized without document
     delimiters (nanoGPT's Shakespeare); ``"documents"`` puts ``<|endoftext|>`` before every document
     (build-nanogpt's fineweb.py). ``val_rule`` is one of ``chars`` (last ``val_fraction`` of the
-    characters, per file), ``fraction`` (an evenly spread ``val_fraction`` of the documents),
+    characters, per file), ``fraction`` (whole documents, ``val_fraction`` of the tokens, spread through),
     ``hf_split`` (the Hub's own validation split) or ``first_tokens`` (the first shard's worth of
     tokens, as build-nanogpt's first shard).
     """
@@ -396,7 +396,10 @@ def shakespeare_text(info: DatasetInfo, input: str | os.PathLike | None) -> tupl
     if input is not None:
         paths = expand_input(input)
         text = "".join(p.read_text(encoding="utf-8") for p in paths)
-        return text, {"input": [str(p) for p in paths]}
+        import hashlib
+
+        sha = hashlib.sha256(text.encode("utf-8")).hexdigest()
+        return text, {"input": [str(p) for p in paths], "sha256": sha, "is_official_file": sha == info.sha256}
     dest = data_home() / "downloads" / (info.filename or f"{info.name}.txt")
     fetch_url(info.url or "", dest, info.sha256 or "", what=info.name)
     return dest.read_text(encoding="utf-8"), {"url": info.url, "sha256": info.sha256, "cache": str(dest)}
