@@ -172,3 +172,13 @@ def test_read_manifest_errors(tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(GptlabError, match="must be a plain file name"):
         S.read_manifest(tmp_path)
+
+
+def test_synthetic_dataset_is_valid_and_seeded(tmp_path):
+    m = S.write_synthetic_dataset(tmp_path / "a", train_tokens=2500, val_tokens=300, shard_tokens=1000, seed=1)
+    assert [s["tokens"] for s in m["shards"]] == [1000, 1000, 500, 300]
+    assert S.verify_dataset(tmp_path / "a")["splits"] == {"train": {"tokens": 2500, "shards": 3},
+                                                         "val": {"tokens": 300, "shards": 1}}
+    S.write_synthetic_dataset(tmp_path / "b", train_tokens=2500, val_tokens=300, shard_tokens=1000, seed=1)
+    assert (tmp_path / "a" / "synthetic_train_000002.bin").read_bytes() == \
+        (tmp_path / "b" / "synthetic_train_000002.bin").read_bytes()

@@ -290,3 +290,28 @@ def verify_dataset(data_dir: str | os.PathLike, *, check_hash: bool = True, chec
     checked = [c for c, on in (("header", True), ("sha256", check_hash), ("token_range", check_tokens)) if on]
     return {"dir": str(d), "ok": True, "dataset": m.get("dataset"), "vocab_size": vocab, "splits": splits,
             "shards_checked": len(m["shards"]), "checked": checked}
+
+
+def write_synthetic_dataset(data_dir: str | os.PathLike, *, train_tokens: int, val_tokens: int = 0,
+                            vocab_size: int = 50257, shard_tokens: int = 100_000_000, seed: int = 0,
+                            tokenizer_spec: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A dataset of uniformly random tokens (for benchmarks and tests); returns its manifest.
+
+    The tokenizer spec defaults to GPT-2's, so ``vocab_size`` should stay 50257 unless one is given.
+    """
+    d = Path(data_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    dtype = token_dtype(vocab_size)
+    entries = []
+    for split, total in (("train", train_tokens), ("val", val_tokens)):
+        for i, start in enumerate(range(0, total, shard_tokens)):
+            n = min(shard_tokens, total - start)
+            name = f"synthetic_{split}_{i:06d}.bin"
+            sha = write_shard(d / name, rng.integers(0, vocab_size, n, dtype=dtype), vocab_size)
+            entries.append({"file": name, "split": split, "tokens": n, "sha256": sha})
+    manifest = build_manifest(dataset="synthetic", tokenizer_spec=tokenizer_spec or {"type": "gpt2"},
+                              vocab_size=vocab_size, eot_id=50256 if tokenizer_spec is None else None,
+                              shards=entries, source={"synthetic": True, "seed": seed})
+    write_manifest(d, manifest)
+    return manifest
