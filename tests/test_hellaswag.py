@@ -163,6 +163,7 @@ def test_batching_padding_and_limit_do_not_change_choices(jsonl, model):
     assert lim["n"] == 3 and lim["pred_norm"] == one["pred_norm"][:3]
 
 
+@pytest.mark.slow
 def test_compiled_model_and_restored_training_mode(jsonl, model):
     examples = hs.load_hellaswag(jsonl)[:4]
     tok = GPT2Tokenizer()
@@ -208,6 +209,7 @@ def _ddp_worker(rank: int, world: int, init_file: str, jsonl_path: str, out_dir:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_ddp_sharded_counts_equal_single_process(jsonl, tmp_path):
     import torch.multiprocessing as mp
 
@@ -279,3 +281,26 @@ def test_download_is_cached_and_checked(tmp_path, monkeypatch, jsonl):
     assert cached.is_file() and str(cached).startswith(str(tmp_path / "home"))
     (src / "hellaswag_val.jsonl").unlink()  # the second call reads the cache, not the "network"
     assert len(hs.load_hellaswag(split="val", progress=False)) == len(_RAW)
+
+
+def test_cli_with_a_hugging_face_dir(jsonl, hf_model, tmp_path, capsys, monkeypatch):
+    from gptlab.cli import main
+
+    hf_dir = tmp_path / "hf"
+    hf_model.save_pretrained(hf_dir)
+    examples = hs.load_hellaswag(jsonl)
+    ref = _reference(hf_model, examples)
+    rc = main(["eval", "hellaswag", "--init", str(hf_dir), "--input", str(jsonl), "--batch-size", "4",
+               "--device", "cpu", "--json"])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["task"] == "hellaswag" and out["n"] == len(examples)
+    assert out["correct"] == sum(r["pred"] == ex["label"] for r, ex in zip(ref, examples))
+    assert out["correct_norm"] == sum(r["pred_norm"] == ex["label"] for r, ex in zip(ref, examples))
+    assert out["acc_norm"] == out["correct_norm"] / out["n"] and "seconds" in out
+    # Offline with nothing cached and no --input: exit 1, one line naming the flag.
+    monkeypatch.setenv("GPTLAB_DATA_HOME", str(tmp_path / "empty"))
+    monkeypatch.setenv("GPTLAB_OFFLINE", "1")
+    assert main(["eval", "hellaswag", "--init", str(hf_dir), "--device", "cpu", "--json"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("gptlab eval: error:") and "--input" in err and "\n" not in err

@@ -263,7 +263,18 @@ def evaluate_hellaswag(model: torch.nn.Module, examples: Sequence[dict], tokeniz
     try:
         bar = tqdm(total=len(mine), desc="hellaswag", unit="ex", file=sys.stderr,
                    disable=not progress or rank != 0)
-        for i in range(0, len(mine), batch_size):
+        # Every rank runs the same number of forward passes (a rank short of examples scores a dummy
+        # batch and discards it): FSDP-sharded models all-gather weights inside forward, so a rank
+        # that stopped early would hang the others.
+        per_rank = -(-len(examples) // world)  # ceil: rank 0's share
+        n_batches = -(-per_rank // batch_size)
+        for b in range(n_batches):
+            i = b * batch_size
+            if i >= len(mine):
+                tokens, _ = collate([render_example(ex, tokenizer, block_size)[:2] for ex in examples[:batch_size]])
+                with autocast(device, dtype):
+                    model(tokens.to(device))
+                continue
             chunk = mine[i: i + batch_size]
             rendered = []
             for ex in chunk:

@@ -1,0 +1,180 @@
+"""Validation loss of any model (gptlab run, Hugging Face dir, Hub name) on a prepared dataset.
+
+The windows are exactly the sequences :class:`gptlab.data.loader.TokenLoader` reads from the split,
+in order, so this number and the trainer's ``val_loss`` look at the same text: the split's shards are
+taken in manifest order, and shard ``i`` with ``n_i`` tokens holds ``(n_i - 1) // T`` windows, window
+``s`` being its tokens ``[s*T, s*T + T + 1)`` (inputs are the first T, targets the last T; no window
+straddles two shards, a shard's last ``(n_i - 1) % T`` tokens are never scored). ``tokens=N`` scores
+the first ``N // T`` windows, i.e. ``N`` rounded down to a multiple of T target tokens. The result is
+the mean cross-entropy (nats per token) over all those targets, accumulated in float64.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from gptlab.errors import GptlabError
+
+# build-nanogpt's validation budget: 20 steps x 64 sequences x 1024 tokens x 8 GPUs.
+DEFAULT_EVAL_TOKENS = 10_485_760
+
+
+class EvalLossError(GptlabError, ValueError):
+    """The dataset and the model do not fit together, or the request is larger than the split."""
+
+
+def check_tokenizer(manifest: dict[str, Any], model_vocab: int, tokenizer: Any | None, where: str) -> None:
+    """The dataset's tokens must mean the same to the model: same vocabulary size and, when the model's
+    tokenizer is known, the same tokenizer spec."""
+    spec = manifest.get("tokenizer")
+    kind = spec.get("type") if isinstance(spec, dict) else spec
+    data_vocab = int(manifest["vocab_size"])
+    if tokenizer is not None and spec is not None and tokenizer.spec() != spec:
+        theirs = tokenizer.spec().get("type")
+        raise EvalLossError(f"{where}: the dataset was tokenized with a {kind} tokenizer (vocab {data_vocab}) but "
+                            f"the model uses a different {theirs} tokenizer; prepare the data with the model's "
+                            f"tokenizer (gptlab prepare NAME --tokenizer {theirs}) or evaluate a matching model")
+    if data_vocab != model_vocab:
+        raise EvalLossError(f"{where}: the dataset's vocabulary has {data_vocab} tokens ({kind} tokenizer) but the "
+                            f"model has {model_vocab}; they were not made with the same tokenizer")
+
+
+def _windows(data_dir: Path, split: str, manifest: dict[str, Any], T: int) -> list[tuple[np.ndarray, int]]:
+    """(shard tokens, number of windows) per shard of ``split`` in manifest order."""
+    from gptlab.data.shards import read_shard, shard_paths
+
+    out = []
+    for path in shard_paths(data_dir, split, manifest):
+        arr = read_shard(path)
+        out.append((arr, max(len(arr) - 1, 0) // T))
+    return out
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    while True:
+        inner = getattr(model, "_orig_mod", None) or getattr(model, "module", None)
+        if not isinstance(inner, torch.nn.Module):
+            return model
+        model = inner
+
+
+@torch.no_grad()
+def evaluate_loss(model: torch.nn.Module, data_dir: str | os.PathLike, *, split: str = "val",
+                  tokens: int | None = None, seq_len: int | None = None, batch_size: int = 8,
+                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                  tokenizer: Any | None = None, progress: bool = False) -> dict[str, Any]:
+    """Mean loss of ``model`` over the first ``tokens`` targets of ``split`` (windows: module docstring).
+
+    ``tokens`` None means the whole split, capped at :data:`DEFAULT_EVAL_TOKENS`; ``seq_len`` defaults to
+    the model's context. Under torch.distributed, window ``i`` is scored by rank ``i % world_size`` and
+    the sums are all-reduced, so every rank returns the global result (it is the same number as one
+    process up to float summation order).
+    """
+    from tqdm import tqdm
+
+    from gptlab.data.shards import read_manifest
+    from gptlab.runtime import autocast
+
+    t0 = time.perf_counter()
+    data_dir = Path(data_dir)
+    device = torch.device(device)
+    manifest = read_manifest(data_dir)
+    cfg = _unwrap(model).config
+    check_tokenizer(manifest, cfg.vocab_size, tokenizer, str(data_dir))
+    T = int(seq_len or cfg.block_size)
+    if not 1 <= T <= cfg.block_size:
+        raise EvalLossError(f"seq_len {T}: must be between 1 and the model's context ({cfg.block_size})")
+    if batch_size < 1:
+        raise EvalLossError(f"batch_size {batch_size}: must be >= 1")
+    shards = _windows(data_dir, split, manifest, T)
+    if not shards:
+        have = sorted({s["split"] for s in manifest["shards"]})
+        raise EvalLossError(f"{data_dir}: no {split!r} split in manifest.json (splits: {', '.join(have) or 'none'})")
+    available = sum(n for _, n in shards)
+    if tokens is None:
+        n_windows = min(available, DEFAULT_EVAL_TOKENS // T)
+    else:
+        if tokens < T:
+            raise EvalLossError(f"--tokens {tokens}: must be at least one window of seq_len {T}")
+        n_windows = tokens // T
+        if n_windows > available:
+            raise EvalLossError(f"--tokens {tokens}: the {split} split of {data_dir} has only {available * T:,} "
+                                f"scorable tokens ({available} windows of {T}); ask for fewer")
+    if n_windows == 0:
+        raise EvalLossError(f"{data_dir}: the {split} split has no window of {T + 1} tokens; lower --seq-len")
+
+    import torch.distributed as dist
+
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+    # Global window i -> (shard, offset): walk the shards in order.
+    index = []
+    for si, (_, n) in enumerate(shards):
+        index += [(si, s * T) for s in range(n)]
+        if len(index) >= n_windows:
+            break
+    mine = index[:n_windows][rank::world]
+    per_rank = -(-n_windows // world)  # ceil: rank 0's share
+    n_batches = -(-per_rank // batch_size)  # the same on every rank (FSDP all-gathers inside forward)
+
+    was_training = model.training
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=device)  # (sum of losses, number of targets)
+    try:
+        bar = tqdm(total=n_batches, desc=f"loss {split}", unit="batch", file=sys.stderr,
+                   disable=not progress or rank != 0)
+        for b in range(n_batches):
+            chunk = mine[b * batch_size:(b + 1) * batch_size]
+            real = bool(chunk)
+            if not real:  # this rank has run out: a dummy forward keeps collective counts equal
+                chunk = index[:1]
+            buf = np.stack([shards[si][0][off: off + T + 1] for si, off in chunk]).astype(np.int64)
+            xy = torch.from_numpy(buf).to(device)  # (B, T+1)
+            with autocast(device, dtype):
+                _, loss = model(xy[:, :-1], xy[:, 1:])  # mean over B*T targets, computed in fp32
+            if real:
+                total[0] += loss.double() * (len(chunk) * T)
+                total[1] += len(chunk) * T
+            bar.update(1)
+        bar.close()
+    finally:
+        model.train(was_training)
+    if world > 1:
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    loss_sum, count = total.tolist()
+    mean = loss_sum / count
+    return {"loss": mean, "perplexity": math.exp(mean) if mean < 700 else float("inf"), "tokens": int(count),
+            "windows": n_windows, "seq_len": T, "split": split, "data": str(data_dir),
+            "dataset": manifest.get("dataset"), "seconds": round(time.perf_counter() - t0, 3)}
+
+
+def cli_eval_loss(args: argparse.Namespace) -> int:
+    """``gptlab eval loss --init SRC --data DIR [--tokens N] [--seq-len T] [--json]``."""
+    from gptlab.loading import load_model
+    from gptlab.runtime import resolve_device, resolve_dtype
+
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    from gptlab.data.shards import read_manifest
+
+    read_manifest(args.data)  # a bad --data fails before the (possibly slow) model load
+    model, tokenizer = load_model(args.init, device=device)
+    res = evaluate_loss(model, args.data, split=args.split, tokens=args.tokens, seq_len=args.seq_len,
+                        batch_size=args.batch_size, device=device, dtype=dtype, tokenizer=tokenizer,
+                        progress=not args.json)
+    res = {"task": "loss", "init": args.init, **res, "device": str(device), "dtype": str(dtype).removeprefix("torch.")}
+    if args.json:
+        print(json.dumps(res))
+    else:
+        print(f"{res['split']} loss {res['loss']:.4f} (perplexity {res['perplexity']:.2f}) over {res['tokens']:,} "
+              f"tokens ({res['windows']} windows of {res['seq_len']}) in {res['seconds']:.1f}s")
+    return 0
