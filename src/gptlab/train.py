@@ -25,6 +25,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -412,7 +413,9 @@ class Trainer:
         gen = torch.Generator(device=self.device).manual_seed(self.cfg.system.seed + self.step)
         self.raw_model.eval()
         try:
-            with self.amp:
+            with self.amp, warnings.catch_warnings():
+                # FSDP2 warns that the sliced logits are a view; sampling never runs backward.
+                warnings.filterwarnings("ignore", message=".*returned a view tensor.*")
                 out = generate(self.raw_model, idx, max_new, temperature=ev.sample_temperature,
                                top_k=ev.sample_top_k or None, generator=gen, use_kv_cache=not self.fsdp)
         finally:

@@ -1,0 +1,356 @@
+"""Training end to end on CPU with tiny models: accumulation and DDP equivalence, bit-exact resume after
+SIGKILL, atomic checkpoints under a kill during save, NaN stop, SIGTERM / time-limit stop, config errors, CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from gptlab.checkpoint import latest_checkpoint, list_checkpoints, load_model_from_checkpoint, load_model_state
+from gptlab.config import ConfigError, resolve_train_config
+from gptlab.metrics import read_metrics
+from gptlab.train import ResumeError, TrainingDiverged, train
+
+TINY = ["--model.n_layer=2", "--model.n_head=2", "--model.n_embd=32", "--model.block_size=32",
+        "--eval.eval_tokens=2048", "--eval.sample_every=0", "--logging.progress=false", "--system.device=cpu",
+        "--optim.warmup_steps=2", "--optim.lr=1e-2", "--system.threads=1"]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    """A character-level dataset (about 60K tokens) prepared once for the module."""
+    import random
+
+    from gptlab.data.prepare import prepare_dataset
+
+    root = tmp_path_factory.mktemp("data")
+    rng = random.Random(0)
+    words = ("the quick brown fox jumps over lazy dog and cat sat on mat while rain fell softly "
+             "upon green hills of old England where kings once ruled").split()
+    text = "\n".join(" ".join(rng.choice(words) for _ in range(rng.randint(4, 12))).capitalize() + "."
+                     for _ in range(1500))
+    (root / "corpus.txt").write_text(text + "\n", encoding="utf-8")
+    prepare_dataset("text", input=str(root / "corpus.txt"), out=root / "chars", tokenizer="char", progress=False)
+    return root / "chars"
+
+
+def cfg_for(data_dir: Path, out: Path, *extra: str, **flags):
+    flags = {"data": str(data_dir), "out": str(out), **flags}
+    return resolve_train_config(None, flags, [*TINY, *extra])
+
+
+def run_cli(args: list[str], env: dict[str, str] | None = None, timeout: float = 240) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "gptlab", "train", *args], capture_output=True, text=True,
+                          env=full_env, timeout=timeout)
+
+
+def train_losses(run_dir: Path) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] == "train"]
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    ckpt = latest_checkpoint(run_dir)
+    assert ckpt is not None
+    return load_model_state(ckpt)
+
+
+def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], exact: bool = True) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        if exact:
+            assert torch.equal(a[k], b[k]), k
+        else:
+            # Adam divides each gradient by its own running RMS, so fp32 summation-order differences in
+            # small gradient entries reach the weights at a fraction of lr (1e-2 here) per step.
+            torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=2e-5)
+
+
+# --------------------------------------------------------------------------- equivalences
+
+
+# The key bias has an exactly-zero true gradient (softmax ignores a constant shift of the scores), so Adam
+# turns its rounding noise into full-size updates; equivalence tests compare models without biases.
+NO_BIAS = "--model.bias=false"
+
+
+def test_grad_accumulation_equals_one_big_batch(data_dir, tmp_path):
+    """8 sequences in one micro-batch == 4 micro-batches of 2 (loss divided by accumulation steps)."""
+    common = ["--batch.batch_tokens=256", "--checkpoint.every=0", "--eval.eval_every=0", NO_BIAS]
+    big = train(cfg_for(data_dir, tmp_path / "big", *common, "--batch.micro_batch=8", max_steps=6))
+    acc = train(cfg_for(data_dir, tmp_path / "acc", *common, "--batch.micro_batch=2", max_steps=6))
+    assert big["steps"] == acc["steps"] == 6
+    la, lb = train_losses(tmp_path / "big"), train_losses(tmp_path / "acc")
+    assert [s for s, _ in la] == [1, 2, 3, 4, 5, 6]
+    for (_, x), (_, y) in zip(la, lb):
+        assert x == pytest.approx(y, rel=1e-5)
+    assert_same_weights(final_weights(tmp_path / "big"), final_weights(tmp_path / "acc"), exact=False)
+    # The run is not trivially static: the weights moved.
+    ckpt = latest_checkpoint(tmp_path / "big")
+    meta = json.loads((ckpt / "meta.json").read_text())
+    assert meta["step"] == 6 and meta["tokens_seen"] == 6 * 256
+
+
+def _torchrun(args: list[str], nproc: int = 2, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           f"--nproc_per_node={nproc}", "-m", "gptlab", "train", *args],
+                          capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def _ddp_vs_single(data_dir: Path, tmp_path: Path, *extra: str) -> None:
+    common = [*TINY, NO_BIAS, "--data", str(data_dir), "--max-steps", "5", "--batch.batch_tokens=256",
+              "--batch.micro_batch=2", "--checkpoint.every=0", "--eval.eval_every=5"]
+    # Two ranks x 2 micro-steps x 2 sequences (no_sync on the first micro-step) ...
+    r = _torchrun([*common, *extra, "--out", str(tmp_path / "ddp")])
+    assert r.returncode == 0, r.stderr[-3000:]
+    # ... against one process doing 4 micro-steps over the same 8 sequences.
+    train(cfg_for(data_dir, tmp_path / "single", NO_BIAS, "--batch.batch_tokens=256", "--batch.micro_batch=2",
+                  "--checkpoint.every=0", "--eval.eval_every=5", max_steps=5))
+    assert_same_weights(final_weights(tmp_path / "ddp"), final_weights(tmp_path / "single"), exact=False)
+    for (sa, la), (sb, lb) in zip(train_losses(tmp_path / "ddp"), train_losses(tmp_path / "single")):
+        assert sa == sb and la == pytest.approx(lb, rel=1e-5)
+    va = [r["val_loss"] for r in read_metrics(tmp_path / "ddp" / "metrics.jsonl") if r["kind"] == "val"]
+    vb = [r["val_loss"] for r in read_metrics(tmp_path / "single" / "metrics.jsonl") if r["kind"] == "val"]
+    assert va == pytest.approx(vb, rel=1e-5)
+    meta = json.loads((latest_checkpoint(tmp_path / "ddp") / "meta.json").read_text())
+    assert meta["world_size"] == 2 and len(meta["loaders"]) == 2
+    # Resuming a 2-process run with 1 process is refused.
+    with pytest.raises(ResumeError, match="world size 2"):
+        train(cfg_for(data_dir, tmp_path / "ddp", "--batch.batch_tokens=256", "--batch.micro_batch=4",
+                      "--checkpoint.every=0", max_steps=8, resume="auto"))
+
+
+def test_ddp_two_gloo_processes_equal_one_process(data_dir, tmp_path):
+    _ddp_vs_single(data_dir, tmp_path)
+
+
+@pytest.mark.slow
+def test_fsdp2_two_gloo_processes_equal_one_process(data_dir, tmp_path):
+    _ddp_vs_single(data_dir, tmp_path, "--system.fsdp=true")
+
+
+# --------------------------------------------------------------------------- crash safety and resume
+
+RESUME_ARGS = [*TINY, "--max-steps", "12", "--checkpoint-every", "4", "--model.dropout=0.1", "--data.shuffle=true",
+               "--batch.batch_tokens=256", "--batch.micro_batch=4", "--eval.eval_every=6",
+               "--checkpoint.keep_last=0"]
+
+
+def test_sigkill_and_kill_during_save_resume_bit_exact(data_dir, tmp_path):
+    """A run SIGKILLed mid-run (or mid-save) and resumed logs the same losses and ends with the same weights."""
+    base = [*RESUME_ARGS, "--data", str(data_dir)]
+    ref = tmp_path / "ref"
+    r = run_cli([*base, "--out", str(ref)])
+    assert r.returncode == 0, r.stderr[-3000:]
+    ref_losses = train_losses(ref)
+    assert [s for s, _ in ref_losses] == list(range(1, 13))
+
+    # Killed after logging step 10 (last checkpoint: step 8): resume replays 9 and 10.
+    run = tmp_path / "killed"
+    r = run_cli([*base, "--out", str(run)], env={"GPTLAB_TEST_KILL_AT_STEP": "10"})
+    assert r.returncode == -signal.SIGKILL
+    assert latest_checkpoint(run).name == "step_00000008"
+    assert max(s for s, _ in train_losses(run)) == 10
+    r = run_cli([*base, "--out", str(run), "--resume", "auto"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resumed from" in r.stderr
+    assert train_losses(run) == ref_losses  # bit-identical, replayed steps included, no duplicates
+    assert_same_weights(final_weights(run), final_weights(ref))
+    vals = lambda d: [(x["step"], x["val_loss"]) for x in read_metrics(d / "metrics.jsonl") if x["kind"] == "val"]
+    assert vals(run) == vals(ref)
+
+    # Killed in the middle of writing checkpoint 8: the partial save is ignored, step 4 stays loadable.
+    run2 = tmp_path / "killed_in_save"
+    r = run_cli([*base, "--out", str(run2)], env={"GPTLAB_TEST_KILL_IN_SAVE": "8"})
+    assert r.returncode == -signal.SIGKILL
+    assert [p.name for p in list_checkpoints(run2)] == ["step_00000004"]
+    assert any(p.name.startswith(".tmp-step_00000008") for p in (run2 / "checkpoints").iterdir())
+    model, tok, meta = load_model_from_checkpoint(run2)
+    assert meta["step"] == 4 and tok is not None
+    r = run_cli([*base, "--out", str(run2), "--resume", "auto"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert train_losses(run2) == ref_losses
+    assert_same_weights(final_weights(run2), final_weights(ref))
+    assert not any(p.name.startswith(".tmp-") for p in (run2 / "checkpoints").iterdir())
+
+
+def test_nan_loss_stops_before_the_update_and_keeps_last_checkpoint(data_dir, tmp_path, monkeypatch, capsys):
+    from gptlab.cli import main
+
+    out = tmp_path / "nan"
+    monkeypatch.setenv("GPTLAB_TEST_NAN_AT_STEP", "6")
+    rc = main(["train", "--data", str(data_dir), "--out", str(out), "--max-steps", "10", "--checkpoint-every", "4",
+               *TINY, "--batch.batch_tokens=128", "--batch.micro_batch=4", "--eval.eval_every=0"])
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert "step 6: loss is nan" in err and "Last good checkpoint: step 4" in err
+    assert [p.name for p in list_checkpoints(out)] == ["step_00000004"]
+    assert max(s for s, _ in train_losses(out)) == 5  # step 6 was never applied nor logged
+    model, _, meta = load_model_from_checkpoint(out)
+    assert meta["step"] == 4
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    monkeypatch.delenv("GPTLAB_TEST_NAN_AT_STEP")
+    # Resuming continues from the good checkpoint.
+    s = train(cfg_for(data_dir, out, "--batch.batch_tokens=128", "--batch.micro_batch=4", "--eval.eval_every=0",
+                      max_steps=7, resume="auto", checkpoint_every=4))
+    assert s["steps"] == 7
+
+
+def test_sigterm_checkpoints_and_exits_zero(data_dir, tmp_path):
+    out = tmp_path / "term"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.Popen([sys.executable, "-m", "gptlab", "train", *TINY, "--data", str(data_dir), "--out", str(out),
+                          "--max-steps", "100000", "--checkpoint-every", "0", "--eval.eval_every=0",
+                          "--batch.batch_tokens=128", "--batch.micro_batch=4"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and len(train_losses(out)) < 3:
+            time.sleep(0.2)
+        assert len(train_losses(out)) >= 3
+        p.send_signal(signal.SIGTERM)
+        _, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 0, err[-2000:]
+    assert "SIGTERM" in err
+    last = max(s for s, _ in train_losses(out))
+    assert latest_checkpoint(out).name == f"step_{last:08d}"
+    assert last < 100000
+
+
+def test_time_limit_stops_cleanly(data_dir, tmp_path):
+    s = train(cfg_for(data_dir, tmp_path / "tl", "--system.time_limit=0.0001", "--eval.eval_every=0",
+                      "--batch.batch_tokens=128", "--batch.micro_batch=4", max_steps=100000, checkpoint_every=0))
+    assert s["stopped"] == "time_limit"
+    assert 1 <= s["steps"] < 100000
+    assert latest_checkpoint(tmp_path / "tl").name == f"step_{s['steps']:08d}"
+
+
+# --------------------------------------------------------------------------- config and resume errors
+
+
+def test_config_errors(data_dir, tmp_path):
+    with pytest.raises(ConfigError, match=r"batch.batch_tokens=1000 is not a multiple .* use e\.g\."):
+        train(cfg_for(data_dir, tmp_path / "a", "--batch.batch_tokens=1000", "--batch.micro_batch=4"))
+    with pytest.raises(ConfigError, match="seq_len=64 exceeds model.block_size=32"):
+        cfg_for(data_dir, tmp_path / "a", "--batch.seq_len=64")
+    with pytest.raises(ConfigError, match="did you mean 'warmup_steps'"):
+        cfg_for(data_dir, tmp_path / "a", "--optim.warmup_step=3")
+    with pytest.raises(ConfigError, match="unknown key 'optimm'"):
+        cfg_for(data_dir, tmp_path / "a", "--optimm.lr=3")
+    with pytest.raises(ConfigError, match="no such recipe.*did you mean 'quickstart'"):
+        resolve_train_config("quickstrat")
+    with pytest.raises(ConfigError, match="optim.decay='cosin'"):
+        cfg_for(data_dir, tmp_path / "a", "--optim.decay=cosin")
+    with pytest.raises(ConfigError, match="model.vocab_size=10 is below the dataset"):
+        train(cfg_for(data_dir, tmp_path / "a", "--model.vocab_size=10", "--batch.batch_tokens=128",
+                      "--batch.micro_batch=4", max_steps=1))
+
+
+def test_resume_rules(data_dir, tmp_path):
+    small = ["--batch.batch_tokens=128", "--batch.micro_batch=4", "--eval.eval_every=0"]
+    out = tmp_path / "r"
+    # --resume auto on an empty dir starts fresh.
+    assert train(cfg_for(data_dir, out, *small, max_steps=2, resume="auto"))["steps"] == 2
+    # A second plain run would clobber the first: refused.
+    with pytest.raises(ResumeError, match="--resume auto"):
+        train(cfg_for(data_dir, out, *small, max_steps=4))
+    # A different model cannot continue this run.
+    with pytest.raises(ResumeError, match="model.n_layer: 2 -> 3"):
+        train(cfg_for(data_dir, out, *small, "--model.n_layer=3", max_steps=4, resume="auto"))
+    # Progress without any complete checkpoint: never silently restarted from step 0.
+    for c in list_checkpoints(out):
+        (c / "COMPLETE").unlink()
+    with pytest.raises(ResumeError, match="progress up to step 2"):
+        train(cfg_for(data_dir, out, *small, max_steps=4, resume="auto"))
+    # --resume never starts over explicitly.
+    s = train(cfg_for(data_dir, out, *small, max_steps=3, resume="never"))
+    assert s["steps"] == 3 and [st for st, _ in train_losses(out)] == [1, 2, 3]
+
+
+# --------------------------------------------------------------------------- recipes and the CLI
+
+
+def test_recipes_resolve():
+    from importlib import resources
+
+    names = sorted(p.name[:-5] for p in resources.files("gptlab").joinpath("configs").iterdir()
+                   if p.name.endswith(".toml"))
+    assert {"gpt2-124m-fineweb-edu", "gpt2-124m-openwebtext", "shakespeare-char", "shakespeare-char-cpu",
+            "finetune-shakespeare", "tinystories", "quickstart"} <= set(names)
+    for n in names:
+        cfg = resolve_train_config(n)
+        assert cfg.name == n
+        cfg.grad_accum_steps(1)
+    g = resolve_train_config("gpt2-124m-fineweb-edu")
+    assert (g.batch.batch_tokens, g.batch.micro_batch, g.seq_len, g.grad_accum_steps(8)) == (524288, 64, 1024, 1)
+    assert (g.optim.lr, g.optim.final_lr, g.optim.warmup_steps, g.schedule.max_steps) == (6e-4, pytest.approx(6e-5),
+                                                                                          715, 19073)
+    assert g.model.to_model_config().padded_vocab_size == 50304 and g.optim.betas == (0.9, 0.95)
+    c = resolve_train_config("shakespeare-char-cpu")  # inherits shakespeare-char, then overrides
+    assert (c.model.n_layer, c.model.n_head, c.model.n_embd, c.model.block_size, c.batch.micro_batch) == (4, 4, 128, 64, 12)
+    assert (c.schedule.max_steps, c.optim.decay_steps, c.model.dropout, c.model.bias) == (2000, 2000, 0.0, False)
+    assert (c.optim.lr, c.optim.min_lr, c.optim.betas[1], c.optim.warmup_steps) == (1e-3, 1e-4, 0.99, 100)
+
+
+def test_cli_end_to_end_with_toml_and_precedence(tmp_path):
+    """TOML < flags < --section.key=value; automatic prepare of the recipe's dataset; then sample from it."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("to be or not to be that is the question\n" * 400, encoding="utf-8")
+    toml = tmp_path / "mine.toml"
+    toml.write_text(f"""
+name = "mine"
+[model]
+n_layer = 1
+n_head = 2
+n_embd = 32
+block_size = 32
+[data]
+dataset = "text"
+input = "{corpus}"
+dir = "{tmp_path / 'prepared'}"
+tokenizer = "char"
+[batch]
+batch_tokens = 128
+micro_batch = 4
+[schedule]
+max_steps = 50
+[eval]
+eval_every = 2
+eval_tokens = 256
+sample_every = 3
+sample_prompt = "to be"
+sample_tokens = 8
+[system]
+device = "cpu"
+""", encoding="utf-8")
+    out = tmp_path / "run"
+    r = run_cli(["--config", str(toml), "--out", str(out), "--max-steps", "5", "--schedule.max_steps=4", "--json"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads(r.stdout)
+    assert summary["steps"] == 4 and summary["run_dir"] == str(out)
+    assert "world size 1" in r.stderr and "grad-accum" in r.stderr and "param group decay" in r.stderr
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["schedule"]["max_steps"] == 4 and cfg["model"]["n_layer"] == 1 and cfg["model"]["vocab_size"] > 0
+    assert json.loads((out / "tokenizer.json").read_text())["type"] == "char"
+    recs = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in recs if r["kind"] == "train"] == [1, 2, 3, 4]
+    assert [r["step"] for r in recs if r["kind"] == "val"] == [2, 4]
+    assert [r["step"] for r in recs if r["kind"] == "sample"][:1] == [3]
+    t = next(r for r in recs if r["kind"] == "train")
+    assert {"loss", "lr", "grad_norm", "dt_ms", "tokens_per_s"} <= t.keys()
+    assert "=== step 3 sample 0 ===\nto be" in (out / "samples.txt").read_text()
+    s = subprocess.run([sys.executable, "-m", "gptlab", "sample", "--init", str(out), "--prompt", "to",
+                        "--max-new-tokens", "5", "--json"], capture_output=True, text=True, timeout=120)
+    assert s.returncode == 0, s.stderr[-2000:]
