@@ -252,3 +252,25 @@ def test_tiny_shakespeare_exact_counts(tmp_path, name, vocab, train, val, capsys
     res = json.loads(capsys.readouterr().out)
     assert res["vocab_size"] == vocab
     assert res["splits"]["train"]["tokens"] == train and res["splits"]["val"]["tokens"] == val
+
+
+def test_encode_stream_reads_ahead_only_a_bounded_amount():
+    """Memory stays bounded: the producer is never more than 2 x workers batches ahead of the consumer."""
+    import itertools
+
+    produced = 0
+
+    def endless():
+        nonlocal produced
+        for i in itertools.count():
+            produced += 1
+            yield i, "word " * 10
+
+    encode = P.make_encoder(GPT2Tokenizer())
+    got = 0
+    for _tag, toks in P.encode_stream(endless(), encode, workers=2, batch_chars=100):  # 2 items per batch
+        got += 1
+        assert toks.tolist() == GPT2Tokenizer().encode("word " * 10)
+        assert produced <= got + 2 * 2 * 2 + 2
+        if got == 200:
+            break

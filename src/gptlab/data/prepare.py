@@ -60,9 +60,15 @@ def make_encoder(tok: Tokenizer) -> Callable[[list[str]], list[np.ndarray]]:
     dtype = S.token_dtype(tok.vocab_size)
     if isinstance(tok, GPT2Tokenizer):
         enc = tok.enc
-
-        def encode_gpt2(texts: list[str]) -> list[np.ndarray]:
-            return [np.array(enc.encode_ordinary(t), dtype=dtype) for t in texts]
+        if hasattr(enc, "encode_to_numpy"):
+            # tiktoken >= 0.8 fills a buffer in Rust without the GIL (no Python list of ints); with no
+            # special token allowed and none disallowed it is exactly encode_ordinary.
+            def encode_gpt2(texts: list[str]) -> list[np.ndarray]:
+                return [enc.encode_to_numpy(t, allowed_special=set(), disallowed_special=()).astype(dtype)
+                        for t in texts]
+        else:  # pragma: no cover - older tiktoken
+            def encode_gpt2(texts: list[str]) -> list[np.ndarray]:
+                return [np.array(enc.encode_ordinary(t), dtype=dtype) for t in texts]
 
         return encode_gpt2
     if isinstance(tok, CharTokenizer):
