@@ -184,3 +184,22 @@ def test_local_only_datasets_need_input():
     for name in ("text", "jsonl"):
         with pytest.raises(GptlabError, match=f"{name}: needs local files: pass --input"):
             sources.open_source(sources.get_dataset(name))
+
+
+def test_unresolvable_hub_fails_fast_without_calling_datasets(monkeypatch):
+    import socket
+
+    for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "https://hub.example.invalid")
+    seen = []
+
+    def no_dns(host, *a, **k):
+        seen.append(host)
+        raise socket.gaierror(-2, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    make, _ = sources.open_source(sources.get_dataset("fineweb_edu_10b"))
+    with pytest.raises(GptlabError, match=r"cannot resolve hub.example.invalid.*--input"):
+        next(iter(make()))
+    assert seen == ["hub.example.invalid"]

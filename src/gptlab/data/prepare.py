@@ -238,12 +238,26 @@ def prepare_dataset(name: str, *, input: str | os.PathLike | None = None, out: s
     make_docs, source_info = sources.open_source(info, input=input, field_name=field, val_fraction=val_fraction,
                                                  max_docs=max_docs)
     tok_name = tokenizer or info.tokenizer
-    if tok_name == "gpt2":
-        tok: Tokenizer = GPT2Tokenizer()
-    elif tok_name == "char":
-        tok = _char_vocab(make_docs)
-    else:
+    if tok_name not in ("gpt2", "char"):
         raise PrepareError(f"--tokenizer {tok_name!r}: expected 'gpt2' or 'char'")
+    tok: Tokenizer | None = _char_vocab(make_docs) if tok_name == "char" else None
+
+    def items() -> Iterator[tuple[tuple[int, bool, str | None], str]]:
+        for i, doc in enumerate(make_docs()):
+            first = True
+            for piece in doc.pieces:
+                yield (i, first, doc.split), piece
+                first = False
+            if first:  # an empty document still counts (and still gets its EOT)
+                yield (i, True, doc.split), ""
+
+    # Pull the first piece before anything slow or visible: an offline source fails here, in
+    # seconds, and leaves no --out directory behind.
+    stream = items()
+    head = next(stream, None)
+    stream = itertools.chain([head] if head is not None else [], stream)
+    if tok is None:
+        tok = GPT2Tokenizer()
 
     rule = info.val_rule
     if rule in ("hf_split", "first_tokens") and val_fraction is not None:
@@ -255,27 +269,10 @@ def prepare_dataset(name: str, *, input: str | os.PathLike | None = None, out: s
 
     vocab = tok.vocab_size
     dtype = S.token_dtype(vocab)
-    out_dir = Path(out).expanduser() if out else sources.default_data_dir(name)
-    writers = {sp: ShardWriter(out_dir, name, sp, shard_tokens, vocab) for sp in ("train", "val")}
     use_eot = info.layout == "documents" and tok.eot_id is not None
     eot = np.array([tok.eot_id if tok.eot_id is not None else 0], dtype=dtype)
-
-    def items() -> Iterator[tuple[tuple[int, bool, str | None], str]]:
-        for i, doc in enumerate(make_docs()):
-            first = True
-            for piece in doc.pieces:
-                yield (i, first, doc.split), piece
-                first = False
-            if first:  # an empty document still counts (and still gets its EOT)
-                yield (i, True, doc.split), ""
-
-    # Pull the first piece before touching --out: an offline source fails here and leaves nothing behind.
-    stream = items()
-    head = next(stream, None)
-    stream = itertools.chain([head] if head is not None else [], stream)
     out_dir = _resolve_out(name, out, overwrite)
-    for w in writers.values():
-        w.out_dir = out_dir
+    writers = {sp: ShardWriter(out_dir, name, sp, shard_tokens, vocab) for sp in ("train", "val")}
     bar = None
     if progress:
         from tqdm import tqdm

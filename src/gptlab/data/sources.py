@@ -348,8 +348,28 @@ def fetch_url(url: str, dest: Path, sha256: str, *, what: str) -> Path:
     return dest
 
 
+def _check_hub_reachable() -> None:
+    """Fail in milliseconds when the Hub's host does not resolve, instead of after the Hub client's
+    ~25 s of retries (skipped behind a proxy, where DNS is the proxy's business)."""
+    import socket
+    from urllib.parse import urlparse
+
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.getaddrinfo(host, 443)
+    except socket.gaierror as e:
+        raise ConnectionError(f"cannot resolve {host}: {e.strerror or e}") from None
+
+
 def load_hf_dataset(path: str, name: str | None, split: str, streaming: bool = True) -> Iterable[dict[str, Any]]:
     """``datasets.load_dataset`` (imported lazily); tests replace this function to stay offline."""
+    import importlib.util
+
+    if importlib.util.find_spec("datasets") is None:
+        raise ImportError("datasets")
+    _check_hub_reachable()  # before the (slow) datasets import
     import datasets
 
     return datasets.load_dataset(path, name=name, split=split, streaming=streaming)
