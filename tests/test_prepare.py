@@ -274,3 +274,32 @@ def test_encode_stream_reads_ahead_only_a_bounded_amount():
         assert produced <= got + 2 * 2 * 2 + 2
         if got == 200:
             break
+
+
+def test_default_out_is_under_data_home(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("GPTLAB_DATA_HOME", str(tmp_path / "home"))
+    assert main(["prepare", "pydocs", "--json", "--max-docs", "20"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["out"] == str(tmp_path / "home" / "pydocs") and res["documents"] == 20
+    assert S.verify_dataset(tmp_path / "home" / "pydocs")["ok"]
+
+
+def test_interrupted_prepare_leaves_no_dataset_and_can_rerun(tmp_path, monkeypatch):
+    docs = random_docs(40, seed=8)
+
+    def flaky(path, name, split, streaming=True):
+        for i, d in enumerate(docs):
+            if i == 30:
+                raise ConnectionResetError("connection reset by peer")
+            yield {"text": d}
+
+    monkeypatch.setattr(sources, "load_hf_dataset", flaky)
+    monkeypatch.setattr(P, "BATCH_CHARS", 50)
+    with pytest.raises(GptlabError, match="failed after 30 documents"):
+        P.prepare_dataset("openwebtext", out=tmp_path / "o", shard_tokens=50, progress=False)
+    assert list((tmp_path / "o").glob("*.bin")) and not (tmp_path / "o" / "manifest.json").exists()
+    with pytest.raises(GptlabError, match="no manifest.json"):
+        S.read_manifest(tmp_path / "o")
+    _fake_hub(monkeypatch, {"train": docs})
+    res = P.prepare_dataset("openwebtext", out=tmp_path / "o", shard_tokens=50, progress=False)
+    assert res["documents"] == 40 and S.verify_dataset(tmp_path / "o")["ok"]
