@@ -281,6 +281,12 @@ def _doc_text(obj: Any, field_name: str, where: str) -> str:
 
 def local_file_documents(paths: list[Path], field_name: str = "text") -> Iterator[str]:
     """Documents from local files: JSON lines (``field_name``), parquet (column ``field_name``), or a whole text file."""
+    for doc in local_documents(paths, field_name):
+        yield "".join(doc.pieces)
+
+
+def local_documents(paths: list[Path], field_name: str = "text") -> Iterator[Document]:
+    """As :func:`local_file_documents`, with a text file streamed in pieces rather than read whole."""
     for p in paths:
         name = p.name.lower()
         if name.endswith(JSON_EXTENSIONS):
@@ -292,7 +298,7 @@ def local_file_documents(paths: list[Path], field_name: str = "text") -> Iterato
                         obj = json.loads(line)
                     except json.JSONDecodeError as e:
                         raise SourceError(f"{p}:{lineno}: not valid JSON ({e.msg}); expected one object per line") from None
-                    yield _doc_text(obj, field_name, f"{p}:{lineno}")
+                    yield Document((_doc_text(obj, field_name, f"{p}:{lineno}"),))
         elif name.endswith(PARQUET_EXTENSIONS):
             try:
                 import pyarrow.parquet as pq
@@ -302,9 +308,9 @@ def local_file_documents(paths: list[Path], field_name: str = "text") -> Iterato
             if field_name not in pf.schema_arrow.names:
                 raise SourceError(f"{p}: no column {field_name!r} (columns: {pf.schema_arrow.names}); use --field")
             for batch in pf.iter_batches(columns=[field_name], batch_size=1024):
-                yield from (t for t in batch.column(0).to_pylist() if t is not None)
+                yield from (Document((t,)) for t in batch.column(0).to_pylist() if t is not None)
         else:
-            yield p.read_text(encoding="utf-8", errors="replace")
+            yield Document(iter_safe_pieces(_read_blocks(p)))
 
 
 # ----------------------------------------------------------------------------- downloads
@@ -452,7 +458,7 @@ def open_source(info: DatasetInfo, *, input: str | os.PathLike | None = None, fi
         src = {"input": [str(p) for p in paths]}
         if info.name == "text":
             return (lambda: _limit(text_file_documents(paths, frac or 0.0), max_docs)), src
-        return (lambda: (Document((t,)) for t in _limit(local_file_documents(paths, field_name), max_docs))), src
+        return (lambda: _limit(local_documents(paths, field_name), max_docs)), src
     if info.name == "pydocs":
         from pydoc_data.topics import topics
 
