@@ -7,7 +7,6 @@ import os
 import random
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from gptlab.cli import main

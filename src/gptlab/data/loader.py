@@ -11,8 +11,9 @@ batch is skipped and the next epoch begins. Without shuffling this is build-nano
 ``DataLoaderLite`` order; the validation split is always read in order (the same tokens on every
 evaluation after :meth:`TokenLoader.reset`).
 
-The whole state is ``(epoch, position)``: :meth:`state_dict` is a tiny JSON dict, and a restored
-loader yields exactly the batches the original would have yielded next.
+The whole state is ``(epoch, position)``, the same on every rank: :meth:`state_dict` is a tiny JSON
+dict, and a restored loader yields exactly the batches the original would have yielded next. The
+position counts sequences, so it stays meaningful when a run resumes with another world size.
 """
 
 from __future__ import annotations
