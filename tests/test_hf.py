@@ -282,6 +282,20 @@ def test_greedy_continuation_matches_transformers_generate(hf_gpt2_dir):
     assert torch.equal(ours, theirs)
 
 
+@pytest.mark.parametrize("overrides", [dict(MODERN_ARCH), dict(MODERN_ARCH, qk_norm=False, n_kv_head=2)])
+def test_greedy_continuation_matches_transformers_modern(overrides):
+    from gptlab.generate import generate
+
+    model = _gptlab(**overrides)
+    ref = hf.to_hf_model(model)
+    x = _tokens(8, batch=3)
+    ours = generate(model, x, 40, temperature=0)
+    with torch.no_grad():
+        theirs = ref.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=40, do_sample=False,
+                              pad_token_id=0)
+    assert torch.equal(ours, theirs)
+
+
 def test_cli_export_round_trip(tmp_path, capsys, hf_gpt2_dir):
     d, ref = hf_gpt2_dir
     out = tmp_path / "re"

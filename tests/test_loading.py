@@ -100,6 +100,15 @@ def test_hub_names_go_through_the_hub(monkeypatch, tmp_path):
     assert calls == [("openai-community/gpt2-medium", True), ("openai-community/gpt2-medium", False)]
     assert isinstance(tok, GPT2Tokenizer) and model.config.vocab_size == 50257
 
+    def cached_snapshot(repo_id, **kw):  # already in the cache: no download attempted
+        calls.append((repo_id, kw.get("local_files_only", False)))
+        return str(tmp_path / "snap")
+
+    calls.clear()
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", cached_snapshot)
+    loading.load_model("gpt2")
+    assert calls == [("openai-community/gpt2", True)]
+
 
 def test_offline_hub_error_says_what_to_do(monkeypatch):
     import huggingface_hub

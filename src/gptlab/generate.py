@@ -76,7 +76,8 @@ def stream_generate(model, idx: torch.Tensor, max_new_tokens: int, *, temperatur
     """Yield the next token ids (B,) one step at a time, continuing ``idx`` (B, T).
 
     With ``stop_id`` it stops once every row has produced it (rows that finished earlier keep
-    yielding ``stop_id``). ``decode_fn`` replaces :func:`decode_one_token` (e.g. a compiled one).
+    yielding ``stop_id``). ``decode_fn`` replaces :func:`decode_one_token` for the one-token cached
+    steps and the uncached loop (e.g. a compiled one); (re)fills of the cache always run eagerly.
     """
     if idx.dim() != 2 or idx.size(1) == 0:
         raise GptlabError("generate: idx must be a non-empty (batch, tokens) tensor; give at least one prompt token")
@@ -100,7 +101,7 @@ def stream_generate(model, idx: torch.Tensor, max_new_tokens: int, *, temperatur
                 nxt = step(model, seq[:, -W:], None, **sampling)
             elif i == 0 or cache.pos >= cache.max_seq_len:
                 cache.reset()  # prefill, or the window is full: refill it with the last W tokens
-                nxt = step(model, seq[:, -W:], cache, **sampling)
+                nxt = decode_one_token(model, seq[:, -W:], cache, **sampling)
             else:
                 nxt = step(model, seq[:, -1:], cache, **sampling)
             if stop_id is not None:

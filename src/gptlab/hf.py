@@ -91,7 +91,8 @@ def config_to_hf(config: ModelConfig, *, bos_id: int | None = None, eos_id: int 
     c = config
     dt = str(dtype).removeprefix("torch.")
     common: dict[str, Any] = {"architectures": [ARCHITECTURES[arch]], "model_type": arch, "vocab_size": c.vocab_size,
-                              "bos_token_id": bos_id, "eos_token_id": eos_id, "torch_dtype": dt, "use_cache": True}
+                              "bos_token_id": bos_id, "eos_token_id": eos_id, "torch_dtype": dt, "dtype": dt,
+                              "use_cache": True}
     if arch == "gpt2":
         return {**common, "n_layer": c.n_layer, "n_head": c.n_head, "n_embd": c.n_embd, "n_positions": c.block_size,
                 "n_ctx": c.block_size, "n_inner": None if c.hidden_dim == 4 * c.n_embd else c.hidden_dim,
@@ -394,9 +395,12 @@ def hub_download(name: str) -> Path:
         raise GptlabError(f"--init {name}: downloading needs huggingface_hub: pip install 'gptlab[hf]'") from None
     try:
         try:  # the cache first: no network round trip when it is already here
-            return Path(snapshot_download(repo, allow_patterns=_HUB_FILES, local_files_only=True))
+            cached = Path(snapshot_download(repo, allow_patterns=_HUB_FILES, local_files_only=True))
+            if (cached / "config.json").is_file() and any(cached.glob("model*.safetensors")):
+                return cached
         except Exception:
-            return Path(snapshot_download(repo, allow_patterns=_HUB_FILES))
+            pass  # not cached (or only partly): download below
+        return Path(snapshot_download(repo, allow_patterns=_HUB_FILES))
     except Exception as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise GptlabError(f"--init {name}: could not download {repo} from the Hugging Face Hub ({reason}); "
