@@ -16,10 +16,11 @@ import difflib
 import glob as globlib
 import gzip
 import io
+import itertools
 import json
 import os
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
@@ -65,7 +66,6 @@ class DatasetInfo:
     hf_val_split: str | None = None
     download: str = ""
     local_only: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 TINY_SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -383,7 +383,12 @@ def load_hf_dataset(path: str, name: str | None, split: str, streaming: bool = T
 
 def _offline_message(info: DatasetInfo, reason: str) -> str:
     return (f"{info.name}: cannot download {info.download} ({reason}); pass local files instead with "
-            f"--input PATH|DIR|GLOB (.parquet, .jsonl[.gz] with a '{'text'}' field, or .txt)")
+            f"--input PATH|DIR|GLOB (.parquet or .jsonl[.gz] with a 'text' field, or .txt files)")
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
 
 
 def hf_documents(info: DatasetInfo, split: str, field_name: str = "text") -> Iterator[str]:
@@ -394,7 +399,7 @@ def hf_documents(info: DatasetInfo, split: str, field_name: str = "text") -> Ite
         raise SourceError(f"{info.name}: downloading needs the 'datasets' package (pip install 'gptlab[data]'), "
                           f"or pass local files with --input PATH|DIR|GLOB") from None
     except Exception as e:
-        raise SourceError(_offline_message(info, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")) from None
+        raise SourceError(_offline_message(info, _first_line(e))) from None
     it = iter(ds)
     n = 0
     while True:
@@ -403,7 +408,7 @@ def hf_documents(info: DatasetInfo, split: str, field_name: str = "text") -> Ite
         except StopIteration:
             return
         except Exception as e:
-            raise SourceError(_offline_message(info, f"failed after {n} documents: {type(e).__name__}: {e}")) from None
+            raise SourceError(_offline_message(info, f"failed after {n} documents: {_first_line(e)}")) from None
         n += 1
         yield _doc_text(row, field_name, f"{info.hf_path} row {n}")
 
@@ -411,10 +416,7 @@ def hf_documents(info: DatasetInfo, split: str, field_name: str = "text") -> Ite
 # ----------------------------------------------------------------------------- the one entry point
 
 def _limit(it: Iterable[Any], max_docs: int | None) -> Iterator[Any]:
-    for i, x in enumerate(it):
-        if max_docs is not None and i >= max_docs:
-            return
-        yield x
+    return iter(it) if max_docs is None else itertools.islice(it, max_docs)
 
 
 def shakespeare_text(info: DatasetInfo, input: str | os.PathLike | None) -> tuple[str, dict[str, Any]]:
