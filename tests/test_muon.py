@@ -223,3 +223,10 @@ def test_build_reads_dataclass_and_dict_configs():
     torch.save(opt.state_dict(), buf)
     buf.seek(0)
     assert torch.load(buf, weights_only=True)["param_groups"][0]["use_muon"] is True
+
+
+def test_batched_newton_schulz_equals_one_at_a_time():
+    G = torch.randn(3, 40, 24, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    batched = newton_schulz(G, dtype=torch.float64)
+    for k in range(3):
+        torch.testing.assert_close(batched[k], newton_schulz(G[k], dtype=torch.float64), atol=1e-12, rtol=1e-10)

@@ -36,24 +36,25 @@ NS_STEPS = 5
 
 def newton_schulz(G: torch.Tensor, steps: int = NS_STEPS, eps: float = 1e-7,
                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Approximately orthogonalise a 2-D matrix: ``U S' V^T`` with ``S'`` near 1, where ``G = U S V^T``.
+    """Approximately orthogonalise a matrix, or a batch (..., m, n) of same-shape matrices:
+    ``U S' V^T`` with ``S'`` near 1, where ``G = U S V^T``.
 
     Runs in ``dtype`` (bf16 on GPUs: the iteration is robust to its rounding) and returns that dtype.
     """
-    if G.ndim != 2:
-        raise ValueError(f"newton_schulz expects a 2-D matrix, got shape {tuple(G.shape)}")
+    if G.ndim < 2:
+        raise ValueError(f"newton_schulz expects a matrix or a batch of matrices, got shape {tuple(G.shape)}")
     a, b, c = NS_COEFFICIENTS
     X = G.to(dtype)
-    transposed = X.size(0) > X.size(1)
+    transposed = X.size(-2) > X.size(-1)
     if transposed:  # iterate on the wide orientation so the Gram matrix X X^T is the small one
-        X = X.T
+        X = X.mT
     # Frobenius norm >= spectral norm, so every singular value starts in [0, 1] where the iteration works.
-    X = X / (X.norm() + eps)
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) + eps)
     for _ in range(steps):
-        A = X @ X.T  # (m, m) with m = min(rows, cols)
+        A = X @ X.mT  # (..., m, m) with m = min(rows, cols)
         B = b * A + c * (A @ A)
         X = a * X + B @ X  # odd polynomial a*s + b*s^3 + c*s^5 applied to each singular value
-    return X.T if transposed else X
+    return X.mT if transposed else X
 
 
 def _ns_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -111,6 +112,7 @@ class MuonAdamW(torch.optim.Optimizer):
 
     def _muon_group(self, group: dict[str, Any]) -> None:
         lr, wd, beta = group["lr"], group["weight_decay"], group["momentum"]
+        params, blocks = [], []
         for p in group["params"]:
             if p.grad is None:
                 continue
@@ -122,14 +124,26 @@ class MuonAdamW(torch.optim.Optimizer):
             buf.lerp_(g, 1 - beta)  # buf = beta * buf + (1 - beta) * g
             # Nesterov: look ahead along the momentum, (1 - beta) * g + beta * buf.
             u = g.lerp(buf, beta) if group["nesterov"] else buf
-            dtype = _ns_dtype(group["ns_dtype"], p.device)
-            blocks = u.split(group["split"], dim=0) if group["split"] else (u,)
+            params.append(p)
+            blocks.append(list(u.split(group["split"], dim=0)) if group["split"] else [u])
+        if not params:
+            return
+        # Orthogonalise all same-shape blocks in one batched iteration: a few large matmuls instead of
+        # many small ones (the per-call overhead dominates for small models, on CPU and GPU alike).
+        buckets: dict[tuple, list[tuple[int, int]]] = {}
+        for i, bl in enumerate(blocks):
+            for j, blk in enumerate(bl):
+                buckets.setdefault((tuple(blk.shape), blk.device), []).append((i, j))
+        dtype = _ns_dtype(group["ns_dtype"], params[0].device)
+        for (shape, _), where in buckets.items():
+            ortho = newton_schulz(torch.stack([blocks[i][j] for i, j in where]), group["ns_steps"], dtype=dtype)
             # Scale tall blocks by sqrt(rows/cols) so each entry of the update has a similar RMS
             # whatever the shape (an orthogonal (r, c) matrix with r > c has entries of RMS 1/sqrt(r)).
-            update = torch.cat([
-                newton_schulz(blk, group["ns_steps"], dtype=dtype) * max(1.0, blk.size(0) / blk.size(1)) ** 0.5
-                for blk in blocks
-            ], dim=0)
+            ortho = ortho * max(1.0, shape[0] / shape[1]) ** 0.5
+            for k, (i, j) in enumerate(where):
+                blocks[i][j] = ortho[k]
+        for p, bl in zip(params, blocks):
+            update = torch.cat(bl, dim=0) if len(bl) > 1 else bl[0]
             if wd:
                 p.mul_(1 - lr * wd)
             p.add_(update.to(p.dtype), alpha=-lr)
