@@ -354,3 +354,33 @@ device = "cpu"
     s = subprocess.run([sys.executable, "-m", "gptlab", "sample", "--init", str(out), "--prompt", "to",
                         "--max-new-tokens", "5", "--json"], capture_output=True, text=True, timeout=120)
     assert s.returncode == 0, s.stderr[-2000:]
+
+
+def test_init_from_a_run_takes_its_architecture_and_weights(data_dir, tmp_path):
+    """model.init (here a gptlab run dir, via gptlab.loading) seeds the weights; with lr 0 they stay equal."""
+    small = ["--batch.batch_tokens=128", "--batch.micro_batch=4", "--eval.eval_every=0"]
+    train(cfg_for(data_dir, tmp_path / "a", *small, max_steps=3))
+    s = train(cfg_for(data_dir, tmp_path / "b", *small, "--model.n_layer=5", "--optim.lr=0", "--optim.warmup_steps=0",
+                      max_steps=2, init=str(tmp_path / "a")))
+    assert s["steps"] == 2
+    cfg = json.loads((tmp_path / "b" / "config.json").read_text())
+    assert cfg["model"]["n_layer"] == 2 and cfg["model"]["init"] == str(tmp_path / "a")
+    assert_same_weights(final_weights(tmp_path / "a"), final_weights(tmp_path / "b"))
+
+
+def test_cli_accepts_space_separated_overrides(capsys):
+    from gptlab.cli import main
+
+    # parsed as --optim.lr=1e-3 (not an argparse error, exit 2), then the unknown recipe is reported
+    assert main(["train", "--config", "no-such-recipe", "--optim.lr", "1e-3"]) == 1
+    assert "no such recipe" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_torchrun_errors_reach_every_rank(data_dir, tmp_path):
+    """A refusal decided on rank 0 (resume rules) stops every rank promptly with exit != 0."""
+    common = [*TINY, "--data", str(data_dir), "--max-steps", "2", "--batch.batch_tokens=256",
+              "--batch.micro_batch=2", "--eval.eval_every=0", "--out", str(tmp_path / "run")]
+    assert _torchrun(common).returncode == 0
+    r = _torchrun(common, timeout=180)
+    assert r.returncode != 0 and "--resume auto" in r.stderr

@@ -219,6 +219,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
+    if args.command == "train":  # `--section.key value` means `--section.key=value`
+        joined: list[str] = []
+        for a in extra:
+            if (joined and joined[-1].startswith("--") and "=" not in joined[-1] and "." in joined[-1]
+                    and not a.startswith("--")):
+                joined[-1] = f"{joined[-1]}={a}"
+            else:
+                joined.append(a)
+        extra = joined
     # Only `train` takes free-form --section.key=value overrides; anywhere else they are typos.
     overrides = [a for a in extra if a.startswith("--") and "=" in a and "." in a.split("=", 1)[0]]
     unknown = [a for a in extra if a not in overrides]

@@ -141,29 +141,45 @@ def _test_env_step(var: str) -> int:
 # --------------------------------------------------------------------------- setup helpers
 
 
-def prepare_data(cfg: TrainConfig, info: gdist.DistInfo) -> tuple[Path, dict[str, Any]]:
-    """The dataset dir and its manifest; rank 0 prepares it first when it has no manifest yet."""
+def on_main(fn: Any, *args: Any) -> Any:
+    """Run ``fn`` on rank 0 only and hand its result to every rank; a :class:`GptlabError` there is
+    raised on every rank (instead of leaving the others waiting in a collective)."""
+    result, error = None, None
+    if gdist.is_main_process():
+        try:
+            result = fn(*args)
+        except GptlabError as e:
+            error = (type(e).__name__, str(e))
+    result, error = gdist.broadcast_object((result, error))
+    if error is not None:
+        cls = {c.__name__: c for c in (ResumeError, ConfigError)}.get(error[0], GptlabError)
+        raise cls(error[1])
+    return result
+
+
+def resolve_data_dir(cfg: TrainConfig) -> Path:
+    if cfg.data.dir:
+        return Path(cfg.data.dir).expanduser()
+    from gptlab.data.sources import default_data_dir
+
+    return default_data_dir(cfg.data.dataset)
+
+
+def prepare_data(cfg: TrainConfig, data_dir: Path) -> dict[str, Any]:
+    """The manifest of ``data_dir``, preparing ``data.dataset`` there first when it has none (rank 0)."""
     from gptlab.data.shards import read_manifest
 
-    if cfg.data.dir:
-        data_dir = Path(cfg.data.dir).expanduser()
-    else:
-        from gptlab.data.sources import default_data_dir
-
-        data_dir = default_data_dir(cfg.data.dataset)
     if not (data_dir / "manifest.json").is_file():
-        if info.is_main:
-            if not cfg.data.dataset:
-                raise GptlabError(f"{data_dir}: no manifest.json; run `gptlab prepare` or set data.dataset")
-            from gptlab.data.prepare import prepare_dataset
+        if not cfg.data.dataset:
+            raise GptlabError(f"{data_dir}: no manifest.json; run `gptlab prepare` or set data.dataset")
+        from gptlab.data.prepare import prepare_dataset
 
-            gdist.print0(f"data: {data_dir} has no manifest.json; preparing {cfg.data.dataset!r}"
-                         + (f" from {cfg.data.input}" if cfg.data.input else ""))
-            prepare_dataset(cfg.data.dataset, input=cfg.data.input or None, out=data_dir,
-                            field=cfg.data.field, tokenizer=cfg.data.tokenizer or None,
-                            val_fraction=cfg.data.val_fraction, progress=True)
-        gdist.barrier()
-    return data_dir, read_manifest(data_dir)
+        gdist.print0(f"data: {data_dir} has no manifest.json; preparing {cfg.data.dataset!r}"
+                     + (f" from {cfg.data.input}" if cfg.data.input else ""))
+        prepare_dataset(cfg.data.dataset, input=cfg.data.input or None, out=data_dir,
+                        field=cfg.data.field, tokenizer=cfg.data.tokenizer or None,
+                        val_fraction=cfg.data.val_fraction, progress=True)
+    return read_manifest(data_dir)
 
 
 def split_tokens(manifest: dict[str, Any], split: str) -> int:
@@ -526,7 +542,8 @@ def _train(cfg: TrainConfig, info: gdist.DistInfo, device: torch.device) -> dict
     grad_accum = cfg.grad_accum_steps(info.world_size)
 
     # ---- data and run dir
-    data_dir, manifest = prepare_data(cfg, info)
+    data_dir = resolve_data_dir(cfg)
+    manifest = on_main(prepare_data, cfg, data_dir)
     run_dir = Path(cfg.out_dir or Path("runs") / cfg.name).expanduser()
     tok_spec = manifest["tokenizer"]
     vocab_size = int(manifest["vocab_size"])
@@ -535,8 +552,7 @@ def _train(cfg: TrainConfig, info: gdist.DistInfo, device: torch.device) -> dict
                           f"micro-batch ({cfg.batch.micro_batch} x {cfg.seq_len}); use more data or smaller batches")
 
     # ---- resume decision (rank 0 looks, everyone follows)
-    ckpt = decide_resume(cfg, run_dir) if info.is_main else None
-    ckpt_s = gdist.broadcast_object(str(ckpt) if ckpt else None)
+    ckpt_s = on_main(lambda: str(c) if (c := decide_resume(cfg, run_dir)) else None)
     ckpt = Path(ckpt_s) if ckpt_s else None
     state = load_training_state(ckpt) if ckpt else None
     if state is not None:
@@ -693,7 +709,6 @@ def run_loop(tr: Trainer, t_start: float) -> dict[str, Any]:
             if step > 1:  # the first step includes compilation / warm-up
                 tr.dts.append(rec["dt_ms"] / 1000)
             avg = sum(tr.dts) / len(tr.dts) if tr.dts else rec["dt_ms"] / 1000
-            rec["tokens_per_s"] = rec["tokens_per_s"]
             rec["mfu"] = mfu(rec["tokens_per_s"], fpt, peak, info.world_size)
             rec["eta_s"] = avg * (max_steps - step)
             stop_req = rec.pop("stop")
