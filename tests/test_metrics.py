@@ -64,3 +64,45 @@ def test_logger_writes_jsonl_and_truncates(tmp_path):
     other = tmp_path / "other"
     MetricsLogger(other, enabled=False).log({"kind": "train", "step": 1})
     assert not (other / "metrics.jsonl").exists()
+
+
+def test_wandb_mirror_gets_numbers_and_samples(tmp_path, monkeypatch):
+    """With logging.wandb the logger forwards numeric fields (prefixed by kind) and sample text."""
+    import sys
+    import types
+
+    calls: list = []
+
+    class Run:
+        def log(self, payload, step):
+            calls.append(("log", payload, step))
+
+        def finish(self):
+            calls.append(("finish",))
+
+    fake = types.ModuleType("wandb")
+    fake.init = lambda **kw: calls.append(("init", kw)) or Run()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    log = MetricsLogger(tmp_path, wandb=True, wandb_project="p", config={"a": 1})
+    log.log({"kind": "train", "step": 3, "loss": 2.5, "lr": 1e-3, "note": "x"})
+    log.log({"kind": "sample", "step": 3, "index": 0, "text": "hi"})
+    log.close()
+    assert calls[0][0] == "init" and calls[0][1]["project"] == "p" and calls[0][1]["config"] == {"a": 1}
+    assert calls[1] == ("log", {"train/loss": 2.5, "train/lr": 1e-3}, 3)
+    assert calls[2] == ("log", {"sample/index": 0, "sample/text": "hi"}, 3)
+    assert calls[-1] == ("finish",)
+
+
+def test_missing_tensorboard_is_a_clear_error(tmp_path):
+    from gptlab.errors import GptlabError
+
+    try:
+        import torch.utils.tensorboard  # noqa: F401
+    except ImportError:
+        with pytest.raises(GptlabError, match="pip install tensorboard"):
+            MetricsLogger(tmp_path, tensorboard=True)
+    else:
+        log = MetricsLogger(tmp_path, tensorboard=True)
+        log.log({"kind": "val", "step": 1, "val_loss": 1.0})
+        log.close()
+        assert any((tmp_path / "tensorboard").iterdir())

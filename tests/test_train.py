@@ -107,20 +107,26 @@ def _torchrun(args: list[str], nproc: int = 2, timeout: float = 300) -> subproce
 
 
 def _ddp_vs_single(data_dir: Path, tmp_path: Path, *extra: str) -> None:
-    common = [*TINY, NO_BIAS, "--data", str(data_dir), "--max-steps", "5", "--batch.batch_tokens=256",
-              "--batch.micro_batch=2", "--checkpoint.every=0", "--eval.eval_every=5"]
-    # Two ranks x 2 micro-steps x 2 sequences (no_sync on the first micro-step) ...
-    r = _torchrun([*common, *extra, "--out", str(tmp_path / "ddp")])
+    sched = ["--optim.decay_steps=7", "--batch.batch_tokens=256", "--batch.micro_batch=2", "--eval.eval_every=5",
+             "--checkpoint.every=0"]
+    common = [*TINY, NO_BIAS, *sched, "--data", str(data_dir), "--out", str(tmp_path / "ddp"), *extra]
+    # Two ranks x 2 micro-steps x 2 sequences (no_sync on the first micro-step), 5 steps, then a
+    # resumed 2-process run to step 7 (every rank's loader position comes back) ...
+    r = _torchrun([*common, "--max-steps", "5"])
     assert r.returncode == 0, r.stderr[-3000:]
-    # ... against one process doing 4 micro-steps over the same 8 sequences.
-    train(cfg_for(data_dir, tmp_path / "single", NO_BIAS, "--batch.batch_tokens=256", "--batch.micro_batch=2",
-                  "--checkpoint.every=0", "--eval.eval_every=5", max_steps=5))
+    r = _torchrun([*common, "--max-steps", "7", "--resume", "auto"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resumed from" in r.stderr
+    # ... against one process doing 4 micro-steps over the same 8 sequences per step.
+    train(cfg_for(data_dir, tmp_path / "single", NO_BIAS, *sched, max_steps=7))
     assert_same_weights(final_weights(tmp_path / "ddp"), final_weights(tmp_path / "single"), exact=False)
-    for (sa, la), (sb, lb) in zip(train_losses(tmp_path / "ddp"), train_losses(tmp_path / "single")):
-        assert sa == sb and la == pytest.approx(lb, rel=1e-5)
+    la, lb = train_losses(tmp_path / "ddp"), train_losses(tmp_path / "single")
+    assert [s for s, _ in la] == [s for s, _ in lb] == list(range(1, 8))
+    for (_, x), (_, y) in zip(la, lb):
+        assert x == pytest.approx(y, rel=1e-5)
     va = [r["val_loss"] for r in read_metrics(tmp_path / "ddp" / "metrics.jsonl") if r["kind"] == "val"]
     vb = [r["val_loss"] for r in read_metrics(tmp_path / "single" / "metrics.jsonl") if r["kind"] == "val"]
-    assert va == pytest.approx(vb, rel=1e-5)
+    assert len(va) == 2 and va == pytest.approx(vb, rel=1e-5)  # steps 5 and 7
     meta = json.loads((latest_checkpoint(tmp_path / "ddp") / "meta.json").read_text())
     assert meta["world_size"] == 2 and len(meta["loaders"]) == 2
     # Resuming a 2-process run with 1 process is refused.
@@ -384,3 +390,24 @@ def test_torchrun_errors_reach_every_rank(data_dir, tmp_path):
     assert _torchrun(common).returncode == 0
     r = _torchrun(common, timeout=180)
     assert r.returncode != 0 and "--resume auto" in r.stderr
+
+
+@pytest.mark.gpu
+def test_cuda_bf16_compiled_training_evaluates_samples_and_resumes(data_dir, tmp_path):
+    """On a GPU: bf16 autocast, fused AdamW, torch.compile for training with the uncompiled model for
+    evaluation and sampling, MFU in the metrics; then a resume continues from the checkpoint."""
+    args = ["--system.device=cuda", "--system.compile=true", "--batch.batch_tokens=256", "--batch.micro_batch=4",
+            "--eval.eval_every=2", "--eval.sample_every=2", "--eval.sample_prompt=the", "--eval.sample_tokens=8"]
+    out = tmp_path / "gpu"
+    s = train(cfg_for(data_dir, out, *args, max_steps=4, checkpoint_every=2))
+    assert s["steps"] == 4
+    recs = read_metrics(out / "metrics.jsonl")
+    train_recs = [r for r in recs if r["kind"] == "train"]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in train_recs)
+    assert [r["step"] for r in recs if r["kind"] == "val"] == [2, 4]
+    assert any(r["kind"] == "sample" for r in recs)
+    meta = json.loads((latest_checkpoint(out) / "meta.json").read_text())
+    assert meta["config"]["system"]["compile"] is True
+    s = train(cfg_for(data_dir, out, *args, max_steps=6, checkpoint_every=2, resume="auto"))
+    assert s["steps"] == 6 and [r["step"] for r in read_metrics(out / "metrics.jsonl")
+                                if r["kind"] == "train"] == [1, 2, 3, 4, 5, 6]

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from gptlab.config import ModelConfig
+from gptlab.errors import GptlabError
 
 # Dense bf16 tensor-core peak, FLOP/s, from the vendors' datasheets (no sparsity). First match wins,
 # so the more specific names come first. GPUs without bf16 list their fp16 peak.
@@ -128,14 +129,14 @@ class MetricsLogger:
             try:
                 import wandb as wandb_mod
             except ImportError:
-                raise ImportError("logging.wandb=true needs wandb: pip install 'gptlab[wandb]'") from None
+                raise GptlabError("logging.wandb=true needs wandb: pip install 'gptlab[wandb]'") from None
             self._wandb = wandb_mod.init(project=wandb_project, name=wandb_run_name or None, config=config,
                                          dir=str(run_dir), resume="allow")
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
-                raise ImportError("logging.tensorboard=true needs tensorboard: pip install tensorboard") from None
+                raise GptlabError("logging.tensorboard=true needs tensorboard: pip install tensorboard") from None
             self._tb = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
 
     def log(self, record: dict[str, Any]) -> None:

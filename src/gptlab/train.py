@@ -21,6 +21,7 @@ import json
 import math
 import os
 import platform
+import random
 import signal
 import subprocess
 import sys
@@ -31,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -124,11 +126,9 @@ def git_sha() -> str | None:
 
 
 def versions() -> dict[str, str]:
-    import numpy
-
     from gptlab import __version__
 
-    return {"gptlab": __version__, "torch": torch.__version__, "numpy": numpy.__version__,
+    return {"gptlab": __version__, "torch": torch.__version__, "numpy": np.__version__,
             "python": platform.python_version()}
 
 
@@ -572,10 +572,6 @@ def _train(cfg: TrainConfig, info: gdist.DistInfo, device: torch.device) -> dict
     raw.train()
     # Dropout draws from the global generator; ranks get different streams, as nanoGPT's seed offset.
     torch.manual_seed(cfg.system.seed + info.rank)
-    import random
-
-    import numpy as np
-
     random.seed(cfg.system.seed + info.rank)
     np.random.seed((cfg.system.seed + info.rank) % 2**32)
     model, fsdp = _wrap(raw, cfg, info, device)
