@@ -134,3 +134,35 @@ def test_recipe_model_section():
     # The recipe inherits bias=false and vocab "from the dataset" from shakespeare-char.
     assert (cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.block_size) == (4, 4, 128, 64)
     assert cfg.bias is False and cfg.vocab_size == 65 and cfg.dropout == 0.1
+
+
+def test_bench_prepare_json(capsys, tiny_corpus):
+    from gptlab.tokenizer import GPT2Tokenizer
+
+    r = run_json(capsys, ["bench", "prepare", "--input", str(tiny_corpus), "--max-workers", "2", "--rounds", "1",
+                          "--json"])
+    assert [row["workers"] for row in r["per_workers"]] == [1, 2]
+    assert r["per_workers"][0]["speedup"] == 1.0
+    assert r["scaling"] == pytest.approx(r["per_workers"][1]["tokens_per_s"] / r["per_workers"][0]["tokens_per_s"])
+    text = tiny_corpus.read_text(encoding="utf-8")
+    docs = bench.split_documents(text)
+    assert "".join(docs) == text and len(docs) == r["documents"] > 2
+    # prepare puts an EOT before every document; count with the tokenizer's plain encode path.
+    tok = GPT2Tokenizer()
+    assert r["tokens"] == sum(len(tok.encode(d)) + 1 for d in docs)
+    assert r["tokens_per_s"] == max(row["tokens_per_s"] for row in r["per_workers"])
+
+
+def test_synthetic_corpus_is_deterministic_and_sized():
+    a = bench.synthetic_corpus(0.05, seed=1)
+    assert a == bench.synthetic_corpus(0.05, seed=1) != bench.synthetic_corpus(0.05, seed=2)
+    assert 50_000 <= sum(map(len, a)) < 50_000 + 5_000
+
+
+def test_bench_loader_json(capsys):
+    r = run_json(capsys, ["bench", "loader", "--batch", "4", "--seq", "32", "--batches", "20", "--shuffle",
+                          "--device", "cpu", "--json"])
+    for key in ("batches_per_s", "tokens_per_s", "ms_per_batch", "headroom_vs_gpu_step", "device", "torch_version"):
+        assert key in r, key
+    assert r["tokens_per_s"] == pytest.approx(r["batches_per_s"] * 4 * 32)
+    assert r["shuffle"] is True and r["source"].startswith("synthetic")

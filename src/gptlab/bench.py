@@ -11,6 +11,7 @@ H heads, Q head size and T the sequence length (the second term is attention's Q
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -501,6 +502,149 @@ def bench_generate(model: str = "gpt2", *, batch: int = 1, prompt_tokens: int = 
     return out
 
 
+# --------------------------------------------------------------------------- bench prepare / loader
+
+# A GPU step of GPT-2 124M at the H100 target consumes this many tokens/s; the loader should do 20x.
+H100_TARGET_TOKENS_PER_S = 600_000
+
+
+def synthetic_corpus(mb: float, seed: int = 0, doc_chars: int = 4000) -> list[str]:
+    """About ``mb`` megabytes of English-like text as documents of about ``doc_chars`` characters:
+    seeded random sentences over a few hundred words (BPE sees real words, spaces and punctuation)."""
+    import random
+
+    rng = random.Random(seed)
+    stems = ("time year people way day man thing woman life child world school state family student group "
+             "country problem hand part place case week company system program question work government number "
+             "night point home water room mother area money story fact month lot right study book eye job word "
+             "business issue side kind head house service friend father power hour game line end member law car "
+             "city community name president team minute idea kid body information back parent face others level "
+             "office door health person art war history party result change morning reason research girl guy "
+             "moment air teacher force education").split()
+    words = stems + [w + suffix for w in stems for suffix in ("s", "ed", "ing", "ly")] + \
+        "the of and to a in is it you that he was for on are with as I his they be at one have this".split()
+    punct = [".", ".", ".", ",", "?", "!", ";"]
+    target = int(mb * 1e6)
+    docs, size = [], 0
+    while size < target:
+        parts, n = [], 0
+        while n < doc_chars:
+            k = rng.randint(5, 18)
+            sent = " ".join(rng.choice(words) for _ in range(k))
+            sent = sent[0].upper() + sent[1:] + rng.choice(punct) + (" %d" % rng.randint(0, 2025) if k % 5 == 0 else "")
+            parts.append(sent)
+            n += len(sent) + 1
+        doc = " ".join(parts)
+        docs.append(doc)
+        size += len(doc)
+    return docs
+
+
+def split_documents(text: str, doc_chars: int = 4000) -> list[str]:
+    """Cut ``text`` at line ends into documents of about ``doc_chars`` characters (joined, they are ``text``),
+    so a single big file spreads over workers as a many-document corpus does in prepare."""
+    docs, cur, n = [], [], 0
+    for line in text.splitlines(keepends=True):
+        cur.append(line)
+        n += len(line)
+        if n >= doc_chars:
+            docs.append("".join(cur))
+            cur, n = [], 0
+    if cur:
+        docs.append("".join(cur))
+    return docs
+
+
+def bench_prepare(*, input: str | None = None, mb: float = 20.0, max_workers: int = 0, rounds: int = 2,
+                  seed: int = 0, quiet: bool = False) -> dict[str, Any]:
+    """GPT-2 tokenization throughput of prepare's parallel path (``tokenize_documents``) for
+    1..``max_workers`` workers, alternating worker counts within each round; medians."""
+    from gptlab.data.prepare import default_workers, tokenize_documents
+    from gptlab.tokenizer import GPT2Tokenizer
+
+    if mb <= 0 or rounds < 1 or max_workers < 0:
+        raise GptlabError("bench prepare: --mb must be > 0, --rounds >= 1, --max-workers >= 0")
+    if input:
+        path = Path(input)
+        if not path.is_file():
+            raise GptlabError(f"--input {input}: no such file (give a UTF-8 text file)")
+        text = path.read_text(encoding="utf-8", errors="replace")
+        docs = split_documents(text)
+        source = str(path)
+    else:
+        docs = synthetic_corpus(mb, seed)
+        source = f"synthetic ({mb:g} MB, seed {seed})"
+    chars = sum(len(d) for d in docs)
+    n_max = max_workers or default_workers()
+    tok = GPT2Tokenizer()
+    list(tokenize_documents(docs[:50], tok, workers=1))  # load the BPE ranks outside the timers
+    times: dict[int, list[float]] = {w: [] for w in range(1, n_max + 1)}
+    counts: dict[int, int] = {}
+    for r in range(rounds):
+        for w in times:
+            t0 = time.perf_counter()
+            counts[w] = sum(len(t) for t in tokenize_documents(docs, tok, workers=w))
+            times[w].append(time.perf_counter() - t0)
+        _say(f"bench prepare: round {r + 1}/{rounds}: " + ", ".join(
+            f"{w} workers {counts[w] / statistics.median(v) / 1e6:.2f}M tokens/s" for w, v in times.items()), quiet)
+    if len(set(counts.values())) != 1:  # pragma: no cover - a bug in prepare's parallel path
+        raise GptlabError(f"bench prepare: token counts differ between worker counts: {counts}")
+    tokens = counts[1]
+    per = [{"workers": w, "seconds": statistics.median(v), "tokens_per_s": tokens / statistics.median(v)}
+           for w, v in times.items()]
+    base = per[0]["tokens_per_s"]
+    for row in per:
+        row["speedup"] = row["tokens_per_s"] / base
+    best = max(per, key=lambda row: row["tokens_per_s"])
+    return {"bench": "prepare", "source": source, "documents": len(docs), "chars": chars, "tokens": tokens,
+            "tokenizer": "gpt2", "rounds": rounds, "max_workers": n_max, "per_workers": per,
+            "tokens_per_s": best["tokens_per_s"], "best_workers": best["workers"],
+            "scaling": per[-1]["tokens_per_s"] / base, "chars_per_token": chars / max(tokens, 1),
+            **environment(torch.device("cpu"))}
+
+
+def bench_loader(*, data: str | None = None, batch: int = 64, seq: int = 1024, batches: int = 200,
+                 shuffle: bool = False, device: str = "auto", seed: int = 0, quiet: bool = False) -> dict[str, Any]:
+    """Batches/s and tokens/s of :class:`gptlab.data.loader.TokenLoader` (train split) on a prepared
+    directory, or on a generated dataset of random GPT-2 tokens large enough for every batch."""
+    from gptlab.data.loader import TokenLoader
+    from gptlab.data.shards import write_synthetic_dataset
+
+    if batch < 1 or seq < 1 or batches < 1:
+        raise GptlabError("bench loader: --batch, --seq and --batches must be >= 1")
+    dev = resolve_device(device)
+    with contextlib.ExitStack() as stack:
+        if data:
+            data_dir, source = data, data
+        else:
+            data_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="gptlab-bench-loader-"))
+            tokens = (batches + 10) * batch * (seq + 1)
+            write_synthetic_dataset(data_dir, train_tokens=tokens, shard_tokens=max(tokens // 4, seq + 1), seed=seed)
+            source = f"synthetic ({tokens:,} random GPT-2 tokens in 4 shards)"
+        loader = TokenLoader(data_dir, "train", batch, seq, shuffle=shuffle, seed=seed, device=dev)
+        for _ in range(min(5, batches)):  # page in the first shard, pin-memory pools
+            loader.next_batch()
+        _sync(dev)
+        times = []
+        t_all = time.perf_counter()
+        for _ in range(batches):
+            t0 = time.perf_counter()
+            x, y = loader.next_batch()
+            _sync(dev)
+            times.append(time.perf_counter() - t0)
+        total = time.perf_counter() - t_all
+    tokens_per_batch = batch * seq
+    s = _summary(times)
+    tps = tokens_per_batch * batches / total
+    out = {"bench": "loader", "source": source, "batch": batch, "seq": seq, "batches": batches, "shuffle": shuffle,
+           "seconds": total, "batches_per_s": batches / total, "tokens_per_s": tps,
+           "ms_per_batch": s["median_ms"], "ms_per_batch_max": s["max_ms"],
+           "gpu_step_target_tokens_per_s": H100_TARGET_TOKENS_PER_S,
+           "headroom_vs_gpu_step": tps / H100_TARGET_TOKENS_PER_S, **environment(dev)}
+    _say(f"bench loader: {out['batches_per_s']:,.1f} batches/s", quiet)
+    return out
+
+
 # --------------------------------------------------------------------------- CLI
 
 
@@ -566,4 +710,32 @@ def cli_bench_generate(args: Any) -> int:
                        vs_hf=args.vs_hf, no_cache_baseline=args.no_cache_baseline,
                        overrides=getattr(args, "set", None), device=args.device, quiet=args.json)
     _emit(r, args.json, _fmt_generate(r))
+    return 0
+
+
+def _fmt_env(r: dict[str, Any]) -> str:
+    return (f"device: {r['device_name']} ({r['device']}), torch {r['torch_version']}, threads {r['num_threads']}, "
+            f"load {r['loadavg']}")
+
+
+def cli_bench_prepare(args: Any) -> int:
+    """``gptlab bench prepare``."""
+    r = bench_prepare(input=args.input, mb=args.mb, max_workers=args.max_workers,
+                      rounds=getattr(args, "rounds", 2), quiet=args.json)
+    lines = [_fmt_env(r), f"{r['source']}: {r['documents']:,} documents, {r['chars']:,} chars -> {r['tokens']:,} "
+                          f"GPT-2 tokens"]
+    lines += [f"{row['workers']:>3} workers: {row['tokens_per_s'] / 1e6:.2f}M tokens/s ({row['speedup']:.2f}x)"
+              for row in r["per_workers"]]
+    _emit(r, args.json, lines)
+    return 0
+
+
+def cli_bench_loader(args: Any) -> int:
+    """``gptlab bench loader``."""
+    r = bench_loader(data=args.data, batch=args.batch, seq=args.seq, batches=args.batches, shuffle=args.shuffle,
+                     device=args.device, quiet=args.json)
+    _emit(r, args.json, [_fmt_env(r), f"{r['source']}: batch {r['batch']} x seq {r['seq']}"
+                                      f"{' (shuffled)' if r['shuffle'] else ''}: {r['batches_per_s']:,.1f} batches/s, "
+                                      f"{r['tokens_per_s'] / 1e6:,.1f}M tokens/s ({r['headroom_vs_gpu_step']:.0f}x "
+                                      f"the {r['gpu_step_target_tokens_per_s']:,} tokens/s H100 step target)"])
     return 0

@@ -173,6 +173,7 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
     pr.add_argument("--input", help="text file to tokenize (default: a generated corpus)")
     pr.add_argument("--max-workers", type=int, default=0, help="default: all cores")
     pr.add_argument("--mb", type=float, default=20.0, help="megabytes of text to tokenize")
+    pr.add_argument("--rounds", type=int, default=2, help="timed passes per worker count, alternating")
     _json_arg(pr)
     lo = bsub.add_parser("loader", help="batches/s the token loader sustains")
     lo.add_argument("--data", help="prepared dataset directory (default: a generated one)")
