@@ -135,6 +135,7 @@ def _ddp_vs_single(data_dir: Path, tmp_path: Path, *extra: str) -> None:
                       "--checkpoint.every=0", max_steps=8, resume="auto"))
 
 
+@pytest.mark.slow
 def test_ddp_two_gloo_processes_equal_one_process(data_dir, tmp_path):
     _ddp_vs_single(data_dir, tmp_path)
 
@@ -151,6 +152,7 @@ RESUME_ARGS = [*TINY, "--max-steps", "12", "--checkpoint-every", "4", "--model.d
                "--checkpoint.keep_last=0"]
 
 
+@pytest.mark.slow
 def test_sigkill_and_kill_during_save_resume_bit_exact(data_dir, tmp_path):
     """A run SIGKILLed mid-run (or mid-save) and resumed logs the same losses and ends with the same weights."""
     base = [*RESUME_ARGS, "--data", str(data_dir)]

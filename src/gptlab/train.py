@@ -11,6 +11,10 @@ Numerics worth knowing:
   schedule is a pure function of the 0-based step (``gptlab.optim``).
 - Resume is bit-exact on CPU: weights, optimizer, every RNG and every rank's loader position are restored,
   and nothing between checkpoints draws from the global RNG except dropout.
+
+Fault injection for the tests (environment variables, never set in normal use): GPTLAB_TEST_KILL_AT_STEP=N
+(SIGKILL after logging step N), GPTLAB_TEST_KILL_IN_SAVE=N (SIGKILL halfway through saving checkpoint N),
+GPTLAB_TEST_NAN_AT_STEP=N with GPTLAB_TEST_NAN_RANK=R (a NaN loss on rank R at step N).
 """
 
 from __future__ import annotations
