@@ -413,3 +413,32 @@ def test_cuda_bf16_compiled_training_evaluates_samples_and_resumes(data_dir, tmp
     s = train(cfg_for(data_dir, out, *args, max_steps=6, checkpoint_every=2, resume="auto"))
     assert s["steps"] == 6 and [r["step"] for r in read_metrics(out / "metrics.jsonl")
                                 if r["kind"] == "train"] == [1, 2, 3, 4, 5, 6]
+
+
+def test_hellaswag_during_training_matches_a_separate_evaluation(tmp_path, capsys):
+    """eval.hellaswag_every scores the current weights: the last step's numbers equal a fresh evaluation of
+    the saved final checkpoint; a missing HellaSwag file only warns."""
+    from gptlab.data.prepare import prepare_dataset
+    from gptlab.evals.hellaswag import evaluate_hellaswag, load_hellaswag
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("The cat sat on the mat. A woman is in a kitchen. She mixes flour and sugar.\n" * 300)
+    prepare_dataset("text", input=str(corpus), out=tmp_path / "bpe", progress=False)  # GPT-2 BPE
+    examples = [{"ctx": "A woman is in a kitchen. She", "label": i % 4,
+                 "endings": ["mixes flour and sugar.", "jumps out of a plane.", "drives a tractor.", "sat on the mat."]}
+                for i in range(3)]
+    hs = tmp_path / "hs.jsonl"
+    hs.write_text("".join(json.dumps(e) + "\n" for e in examples))
+    out = tmp_path / "run"
+    small = ["--batch.batch_tokens=128", "--batch.micro_batch=4", "--eval.eval_every=0",
+             f"--eval.hellaswag_input={hs}", "--eval.hellaswag_every=2"]
+    train(cfg_for(tmp_path / "bpe", out, *small, max_steps=4))
+    recs = [r for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "hellaswag"]
+    assert [r["step"] for r in recs] == [2, 4] and all(r["n"] == 3 for r in recs)
+    model, tok, _ = load_model_from_checkpoint(out)
+    ref = evaluate_hellaswag(model, load_hellaswag(str(hs)), tok, device=torch.device("cpu"))
+    assert (recs[-1]["acc"], recs[-1]["acc_norm"]) == (ref["acc"], ref["acc_norm"])
+    capsys.readouterr()
+    train(cfg_for(tmp_path / "bpe", tmp_path / "run2", *small[:-2], f"--eval.hellaswag_input={tmp_path / 'nope.jsonl'}",
+                  "--eval.hellaswag_every=2", max_steps=2))
+    assert "HellaSwag evaluation is off" in capsys.readouterr().err
