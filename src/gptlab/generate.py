@@ -210,7 +210,7 @@ def cli_sample(args) -> int:
     if args.stream:
         for n in range(args.num_samples):
             if n:
-                print("\n---------------", file=out_stream, flush=True)
+                print("---------------", file=out_stream, flush=True)
             idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)
             streamer = TextStreamer(tokenizer)
             print(text, end="", file=out_stream, flush=True)
