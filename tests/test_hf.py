@@ -122,6 +122,34 @@ def test_hf_llama_qwen3_import_logits_equal(tmp_path, model_type):
         assert (model(x)[0] - ref(x).logits).abs().max().item() <= 1e-5
 
 
+# The published config.json of openai-community/gpt2 (the others differ only in n_embd/n_head/n_layer).
+OPENAI_GPT2_CONFIG = {
+    "activation_function": "gelu_new", "architectures": ["GPT2LMHeadModel"], "attn_pdrop": 0.1,
+    "bos_token_id": 50256, "embd_pdrop": 0.1, "eos_token_id": 50256, "initializer_range": 0.02,
+    "layer_norm_epsilon": 1e-05, "model_type": "gpt2", "n_ctx": 1024, "n_embd": 768, "n_head": 12, "n_layer": 12,
+    "n_positions": 1024, "resid_pdrop": 0.1, "summary_activation": None, "summary_first_dropout": 0.1,
+    "summary_proj_to_labels": True, "summary_type": "cls_index", "summary_use_proj": True,
+    "task_specific_params": {"text-generation": {"do_sample": True, "max_length": 50}}, "vocab_size": 50257,
+}
+
+
+@pytest.mark.parametrize("name,dims", [("gpt2", (768, 12, 12)), ("gpt2-medium", (1024, 16, 24)),
+                                       ("gpt2-large", (1280, 20, 36)), ("gpt2-xl", (1600, 25, 48))])
+def test_openai_configs_map_to_presets_and_transformers_layout(name, dims):
+    """Full-size checks on the meta device: the Hub configs give our presets, and the HF weights
+    transformers would expect are exactly the ones the converter asks for."""
+    n_embd, n_head, n_layer = dims
+    config = hf.config_from_hf({**OPENAI_GPT2_CONFIG, "n_embd": n_embd, "n_head": n_head, "n_layer": n_layer})
+    assert config == ModelConfig.from_preset(name)
+    with torch.device("meta"):
+        ref = transformers.GPT2LMHeadModel(transformers.GPT2Config(**OPENAI_GPT2_CONFIG | dict(
+            n_embd=n_embd, n_head=n_head, n_layer=n_layer)))
+    want = {k: v.shape for k, v in ref.state_dict().items() if k != "lm_head.weight" and not k.endswith(".attn.bias")}
+    assert hf._expected_hf_shapes(config) == want
+    if name == "gpt2":
+        assert sum(s.numel() for s in want.values()) == 124_439_808
+
+
 # --------------------------------------------------------------------------- gptlab -> HF
 
 
