@@ -81,6 +81,18 @@ def test_top_p_keeps_the_smallest_nucleus():
             assert abs(row[i].item() - (base[i] / mass if i in kept else 0.0)) < 1e-5
 
 
+def test_probs_match_transformers_logits_warpers():
+    tf = pytest.importorskip("transformers")
+    logits = torch.randn(8, 200, generator=torch.Generator().manual_seed(4)) * 3
+    for t, k, p in [(0.7, None, 0.9), (1.0, 20, None), (1.3, 50, 0.5), (0.9, 5, 0.99)]:
+        x = tf.TemperatureLogitsWarper(t)(None, logits.clone())
+        if k:
+            x = tf.TopKLogitsWarper(k)(None, x)
+        if p:
+            x = tf.TopPLogitsWarper(p)(None, x)
+        assert torch.allclose(logits_to_probs(logits, t, k, p), torch.softmax(x, -1), atol=1e-6)
+
+
 def test_sample_greedy_and_support():
     logits = torch.randn(6, 30, generator=torch.Generator().manual_seed(3))
     assert torch.equal(sample(logits, temperature=0), logits.argmax(-1, keepdim=True))
