@@ -337,3 +337,27 @@ def test_cli_export_round_trip(tmp_path, capsys, hf_gpt2_dir):
         assert torch.equal(again(x).logits, ref(x).logits)
     assert main(["export", "--init", str(d), "--out", str(out)]) == 1
     assert "--overwrite" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("overrides", [{}, dict(MODERN_ARCH)])
+def test_cli_export_from_a_gptlab_run_dir(tmp_path, capsys, overrides):
+    """The user story: train with gptlab, `gptlab export`, load the result with transformers."""
+    from gptlab.checkpoint import save_checkpoint
+    from gptlab.config import to_dict
+
+    model = _gptlab(**overrides)
+    tok = CharTokenizer([chr(c) for c in range(32, 32 + V_SMALL)])
+    run = tmp_path / "run"
+    save_checkpoint(run, 3, model_state=model.state_dict(), tied=model.config.tie_embeddings,
+                    optimizer_state=None, rng_states=[],
+                    meta={"model_config": to_dict(model.config), "tokenizer": tok.spec()})
+    assert main(["export", "--init", str(run), "--out", str(tmp_path / "hf"), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["tokenizer"] == "char"
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert type(ref).__name__ == summary["architecture"]
+    text = "gptlab exports what it trains"
+    ids = torch.tensor([tok.encode(text)])
+    assert transformers.AutoTokenizer.from_pretrained(tmp_path / "hf").encode(text) == ids[0].tolist()
+    with torch.no_grad():
+        assert (model(ids)[0] - ref(ids).logits).abs().max().item() <= 1e-5
