@@ -208,6 +208,40 @@ def test_export_modern_equal_logits_and_round_trip(tmp_path, arch, overrides):
     assert back_tok.spec() == tok.spec()
 
 
+@pytest.mark.parametrize("overrides", [dict(bias=False), dict(tie_embeddings=False, pad_vocab_multiple=64),
+                                       dict(bias=False, tie_embeddings=False, mlp_hidden=96)])
+def test_export_bias_free_and_untied_gpt2(tmp_path, overrides):
+    """nanoGPT-style bias=False becomes zero biases (same function); an untied head keeps its own matrix."""
+    model = _gptlab(**overrides)
+    hf.export_hf(model, None, tmp_path / "e")
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "e").eval()
+    assert type(ref).__name__ == "GPT2LMHeadModel"
+    assert (ref.lm_head.weight.data_ptr() == ref.transformer.wte.weight.data_ptr()) == model.config.tie_embeddings
+    x = _tokens(64)
+    with torch.no_grad():
+        assert (model(x)[0] - ref(x).logits).abs().max().item() <= 1e-5
+    back, _ = hf.load_hf_dir(tmp_path / "e")
+    assert back.config.bias and back.config.hidden_dim == model.config.hidden_dim
+    with torch.no_grad():
+        assert torch.equal(back(x)[0], model(x)[0])
+    for k, v in back.state_dict().items():
+        if k in model.state_dict():
+            assert torch.equal(model.state_dict()[k][: v.size(0)], v), k
+        else:
+            assert k.endswith(".bias") and not v.any(), k
+    # and back into a bias-free config: zero biases are dropped, non-zero ones refused
+    sd = hf.read_hf_weights(tmp_path / "e")
+    same = hf.from_hf_state_dict(sd, model.config)
+    assert same.keys() == model.state_dict().keys()
+    for k, v in model.state_dict().items():  # padded vocab rows are not exported: compare the real ones
+        rows = V_SMALL if k in ("transformer.wte.weight", "lm_head.weight") else v.size(0)
+        assert torch.equal(same[k][:rows], v[:rows]), k
+    if not model.config.bias:
+        sd["transformer.h.1.mlp.c_fc.bias"][3] = 1.0
+        with pytest.raises(hf.HFFormatError, match=r"non-zero biases \(transformer\.h\.1\.mlp\.c_fc\.bias\)"):
+            hf.from_hf_state_dict(sd, model.config)
+
+
 def test_export_reimport_gpt2_identity_with_padding(tmp_path):
     model = _gptlab(pad_vocab_multiple=64)
     hf.export_hf(model, None, tmp_path / "e")
@@ -235,7 +269,8 @@ def test_to_hf_model_and_back_in_memory():
 @pytest.mark.parametrize("overrides,words", [
     (dict(norm="rmsnorm"), "norm='rmsnorm'"),
     (dict(mlp="relu2"), "mlp='relu2'"),
-    (dict(tie_embeddings=False), "tie_embeddings=false"),
+    (dict(n_kv_head=2), "n_kv_head=2"),
+    (dict(qk_norm=True), "qk_norm=true"),
     (dict(pos_emb="rope"), "norm='layernorm'"),
     (dict(MODERN_ARCH, mlp="relu2"), "mlp='relu2'"),
     (dict(MODERN_ARCH, bias=True), "qk_norm"),

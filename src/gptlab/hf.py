@@ -5,7 +5,9 @@ HF GPT-2 uses ``Conv1D`` whose weights are (in, out). The transposes live in thi
 
 Architectures (see :func:`hf_architecture`):
 
-- ``gpt2``: learned positions, LayerNorm with biases, tanh-GELU MLP, tied head -> ``GPT2LMHeadModel``.
+- ``gpt2``: learned positions, LayerNorm, tanh-GELU MLP -> ``GPT2LMHeadModel``. A bias-free model
+  (nanoGPT's ``bias=False``) is written with zero biases, which computes the same function; an untied
+  head is written as ``lm_head.weight`` with ``tie_word_embeddings=false``.
 - ``llama``: RoPE, RMSNorm, SwiGLU (optionally GQA, biases, untied head) -> ``LlamaForCausalLM``.
 - ``qwen3``: the Llama shape plus per-head RMSNorm of queries and keys before RoPE -> ``Qwen3ForCausalLM``.
 
@@ -59,14 +61,10 @@ def hf_architecture(config: ModelConfig) -> str:
             problems.append(f"norm={c.norm!r} (GPT-2 has layernorm)")
         if c.mlp != "gelu":
             problems.append(f"mlp={c.mlp!r} (GPT-2 has gelu)")
-        if not c.bias:
-            problems.append("bias=false (GPT-2 has biases)")
         if c.qk_norm:
             problems.append("qk_norm=true")
         if c.kv_heads != c.n_head:
             problems.append(f"n_kv_head={c.n_kv_head} (GPT-2 has no grouped-query attention)")
-        if not c.tie_embeddings:
-            problems.append("tie_embeddings=false (GPT-2 ties its head)")
         if not problems:
             return "gpt2"
         raise GptlabError("no Hugging Face architecture holds learned positions with "
@@ -100,7 +98,7 @@ def config_to_hf(config: ModelConfig, *, bos_id: int | None = None, eos_id: int 
                 "resid_pdrop": c.dropout, "embd_pdrop": c.dropout, "attn_pdrop": c.dropout,
                 "initializer_range": c.init_std, "scale_attn_weights": True,
                 "scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False,
-                "tie_word_embeddings": True}
+                "tie_word_embeddings": c.tie_embeddings}
     out = {**common, "hidden_size": c.n_embd, "intermediate_size": c.hidden_dim, "num_hidden_layers": c.n_layer,
            "num_attention_heads": c.n_head, "num_key_value_heads": c.kv_heads, "head_dim": c.head_dim,
            "hidden_act": "silu", "max_position_embeddings": c.block_size, "rms_norm_eps": c.norm_eps,
@@ -200,13 +198,22 @@ def to_hf_state_dict(state: Mapping[str, torch.Tensor], config: ModelConfig) -> 
     out: dict[str, torch.Tensor] = {}
     if arch == "gpt2":
         for k, v in state.items():
-            if k == "lm_head.weight":
-                continue  # tied to wte
+            if k == "lm_head.weight" and config.tie_embeddings:
+                continue
             if k.endswith(_CONV1D_SUFFIXES):
                 v = v.t()
-            elif k == "transformer.wte.weight":
+            elif k in ("transformer.wte.weight", "lm_head.weight"):
                 v = v[:V]
             out[k] = v.contiguous()
+        if not config.bias:  # GPT-2 always has biases: zeros make it compute the bias-free function
+            ref = state["transformer.wte.weight"]
+            C, widths = config.n_embd, {"ln_1": config.n_embd, "ln_2": config.n_embd,
+                                        "attn.c_attn": 3 * config.n_embd, "attn.c_proj": config.n_embd,
+                                        "mlp.c_fc": config.hidden_dim, "mlp.c_proj": config.n_embd}
+            for i in range(config.n_layer):
+                for name, n in widths.items():
+                    out[f"transformer.h.{i}.{name}.bias"] = ref.new_zeros(n)
+            out["transformer.ln_f.bias"] = ref.new_zeros(C)
         return out
     hs, nh, nkv, hid = config.head_dim, config.n_head, config.kv_heads, config.hidden_dim
     out["model.embed_tokens.weight"] = state["transformer.wte.weight"][:V]
@@ -290,7 +297,12 @@ def from_hf_state_dict(state: Mapping[str, torch.Tensor], config: ModelConfig, *
             elif k == "transformer.wte.weight":
                 v = pad(v)
             out[k] = v.contiguous()
-        out["lm_head.weight"] = out["transformer.wte.weight"]
+        if not config.bias:  # only zero biases can be dropped without changing the function
+            nonzero = [k for k in list(out) if k.endswith(".bias") and bool(out.pop(k).any())]
+            if nonzero:
+                raise HFFormatError(f"{where}: non-zero biases ({_list(nonzero, 3)}) for a bias=false config")
+        head = out.get("lm_head.weight")
+        out["lm_head.weight"] = out["transformer.wte.weight"] if config.tie_embeddings else pad(head)
         return out
     out["transformer.wte.weight"] = pad(sd["model.embed_tokens.weight"])
     out["transformer.ln_f.weight"] = sd["model.norm.weight"]
