@@ -291,3 +291,14 @@ def test_cli_sample_errors(gpt2_vocab_dir, capsys, tmp_path):
     assert main(["sample", "--init", str(tmp_path / "nope")]) == 1
     err = capsys.readouterr().err
     assert "nope" in err and "Hub name" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.gpu
+def test_kv_cache_equals_recomputation_on_cuda():
+    model = _model(block_size=16, **ARCHS["modern"]).cuda()
+    idx = _prompt(batch=3).cuda()
+    a = generate(model, idx, 30, temperature=0, use_kv_cache=True)
+    b = generate(model, idx, 30, temperature=0, use_kv_cache=False)
+    assert a.device.type == "cuda" and torch.equal(a, b)
+    g1, g2 = (torch.Generator(device="cuda").manual_seed(3) for _ in range(2))
+    assert torch.equal(generate(model, idx, 30, generator=g1), generate(model, idx, 30, generator=g2))
