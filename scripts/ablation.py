@@ -112,33 +112,55 @@ def train(name: str, run_dir: Path, data_dir: Path, steps: int, eval_every: int,
 
 
 def timing(names: list[str], out: Path, data_dir: Path, steps: int, rounds: int, threads: int,
-           extra: list[str]) -> dict[str, dict[str, Any]]:
-    """ms/step of each config from short runs interleaved round-robin (same machine conditions for all)."""
+           extra: list[str]) -> dict[str, Any]:
+    """ms/step of each config, measured in this process with the trainer's own pieces (recipe resolution,
+    model, optimizer, loader, clipping), interleaved round-robin a few steps at a time so that every config
+    sees the same (noisy, shared) machine. The first round is warm-up and is not counted."""
     cache = out / "timing.json"
     if cache.exists():
         cached = json.loads(cache.read_text())
         if all(n in cached for n in names):
             return cached
+    import torch
+
+    from gptlab.config import resolve_train_config
+    from gptlab.data.loader import TokenLoader
+    from gptlab.data.shards import read_manifest
+    from gptlab.model import GPT
+    from gptlab.optim import build_optimizer
+
+    torch.set_num_threads(threads)
+    vocab = read_manifest(data_dir)["vocab_size"]
+    setups = {}
+    for n in names:
+        recipe, overrides = CONFIGS[n]
+        cfg = resolve_train_config(recipe, {"device": "cpu"}, [*overrides, *extra])
+        torch.manual_seed(0)
+        model = GPT(cfg.model.to_model_config(vocab))
+        opt, _ = build_optimizer(model, cfg.optim, "cpu")
+        loader = TokenLoader(data_dir, "train", cfg.batch.micro_batch, cfg.seq_len, shuffle=True, seed=0)
+        setups[n] = (model, opt, loader, cfg.optim.grad_clip)
     dts: dict[str, list[float]] = {n: [] for n in names}
     loads = []
-    for r in range(rounds):
+    for r in range(rounds + 1):
+        loads.append(load_avg()[0])
         for n in names:
-            run_dir = out / "timing" / f"{n}-r{r}"
-            if run_dir.exists():
-                import shutil
-
-                shutil.rmtree(run_dir)
-            loads.append(load_avg()[0])
-            recipe, overrides = CONFIGS[n]
-            gptlab("train", "--config", recipe, "--data", str(data_dir), "--out", str(run_dir),
-                   "--max-steps", str(steps), "--eval-every", "0", "--checkpoint-every", "0", "--device", "cpu",
-                   "--eval.sample_every=0", f"--system.threads={threads}", "--logging.progress=false",
-                   "--checkpoint.keep_last=1", *overrides, *extra)
-            # skip the first steps (allocator and cache warm-up)
-            dts[n] += [rec["dt_ms"] for rec in read_metrics(run_dir)
-                       if rec.get("kind") == "train" and rec["step"] > min(5, steps // 4)]
-            log(f"timing round {r + 1}/{rounds} {n}: {statistics.median(dts[n]):.1f} ms/step (load {loads[-1]})")
-    res = {n: {"ms_per_step": statistics.median(v), "n": len(v)} for n, v in dts.items()}
+            model, opt, loader, clip = setups[n]
+            for _ in range(steps):
+                t0 = time.perf_counter()
+                x, y = loader.next_batch()
+                _, loss = model(x, y)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), clip or float("inf"))
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                loss.item()
+                if r > 0:
+                    dts[n].append(1000 * (time.perf_counter() - t0))
+        if r > 0:
+            log(f"timing round {r}/{rounds}: " + ", ".join(f"{n} {statistics.median(dts[n]):.0f}" for n in names)
+                + f" ms/step (load {loads[-1]})")
+    res: dict[str, Any] = {n: {"ms_per_step": statistics.median(v), "n": len(v)} for n, v in dts.items()}
     res["_load"] = {"min": min(loads), "max": max(loads), "mean": round(statistics.mean(loads), 2)}
     cache.write_text(json.dumps(res, indent=1))
     return res
@@ -152,7 +174,7 @@ def markdown(rows: list[dict[str, Any]], steps: int, timing_info: dict[str, Any]
         e = f"{r['eq_val_loss']:.4f}" if r.get("eq_val_loss") is not None else "-"
         lines.append(f"| {r['name']} | {r['ms_per_step']:.1f} | {v} | {r['eq_steps']} | {e} |")
     ld = timing_info.get("_load", {})
-    lines.append(f"\nTiming: interleaved short runs, 1-minute load average {ld.get('min')}-{ld.get('max')} "
+    lines.append(f"\nTiming: in-process steps interleaved round-robin, 1-minute load average {ld.get('min')}-{ld.get('max')} "
                  f"(mean {ld.get('mean')}).")
     return "\n".join(lines)
 
@@ -163,8 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="runs/ablation", help="work directory (data, runs, results)")
     p.add_argument("--steps", type=int, default=2000, help="iterations of the fixed-step comparison")
     p.add_argument("--only", default="", help="comma-separated subset of: " + ", ".join(CONFIGS))
-    p.add_argument("--timing-steps", type=int, default=20, help="steps per timing run")
-    p.add_argument("--timing-rounds", type=int, default=2, help="round-robin rounds of timing runs")
+    p.add_argument("--timing-steps", type=int, default=4, help="steps per config per timing round")
+    p.add_argument("--timing-rounds", type=int, default=5, help="round-robin timing rounds (after one warm-up)")
     p.add_argument("--eval-every", type=int, default=500)
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads per run (1 is steadier on a shared machine)")

@@ -230,3 +230,27 @@ def test_batched_newton_schulz_equals_one_at_a_time():
     batched = newton_schulz(G, dtype=torch.float64)
     for k in range(3):
         torch.testing.assert_close(batched[k], newton_schulz(G[k], dtype=torch.float64), atol=1e-12, rtol=1e-10)
+
+
+def test_works_on_ddp_and_compiled_wrappers(tmp_path):
+    """Routing sees through DDP / torch.compile wrappers, and a DDP step equals the plain step."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    torch.manual_seed(9)
+    model = GPT(ModelConfig.from_preset("tiny", **MODERN_ARCH))
+    plain = copy.deepcopy(model)
+    ddp = DDP(model)
+    cfg = dict(lr=3e-3, muon_lr=0.02)
+    opt_ddp, opt_plain = build_muon_optimizer(ddp, cfg), build_muon_optimizer(plain, cfg)
+    assert [len(g["params"]) for g in opt_ddp.param_groups] == [len(g["params"]) for g in opt_plain.param_groups]
+    wrapped = torch.nn.Module()
+    wrapped._orig_mod = plain  # what torch.compile's OptimizedModule holds
+    assert [len(g["params"]) for g in muon_param_groups(wrapped, lr=1e-3, weight_decay=0.1, muon_lr=0.02)] == \
+        [len(g["params"]) for g in opt_plain.param_groups]
+    batches = _batches(2)
+    _train(ddp, opt_ddp, batches)
+    _train(plain, opt_plain, batches)
+    for (n, a), b in zip(model.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=n)

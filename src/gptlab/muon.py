@@ -176,7 +176,9 @@ class MuonAdamW(torch.optim.Optimizer):
 def _unwrap(model: nn.Module) -> nn.Module:
     """The bare model under DDP (``.module``) and torch.compile (``._orig_mod``) wrappers."""
     while True:
-        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        inner = getattr(model, "module", None)
+        if not isinstance(inner, nn.Module):
+            inner = getattr(model, "_orig_mod", None)
         if not isinstance(inner, nn.Module):
             return model
         model = inner
