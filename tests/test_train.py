@@ -213,7 +213,8 @@ def test_nan_loss_stops_before_the_update_and_keeps_last_checkpoint(data_dir, tm
     assert s["steps"] == 7
 
 
-def test_sigterm_checkpoints_and_exits_zero(data_dir, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_checkpoints_and_exits_zero(data_dir, tmp_path, sig):
     out = tmp_path / "term"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     p = subprocess.Popen([sys.executable, "-m", "gptlab", "train", *TINY, "--data", str(data_dir), "--out", str(out),
@@ -225,13 +226,13 @@ def test_sigterm_checkpoints_and_exits_zero(data_dir, tmp_path):
         while time.time() < deadline and len(train_losses(out)) < 3:
             time.sleep(0.2)
         assert len(train_losses(out)) >= 3
-        p.send_signal(signal.SIGTERM)
+        p.send_signal(sig)
         _, err = p.communicate(timeout=60)
     finally:
         if p.poll() is None:
             p.kill()
     assert p.returncode == 0, err[-2000:]
-    assert "SIGTERM" in err
+    assert f"{sig.name}: stopping after this step" in err
     last = max(s for s, _ in train_losses(out))
     assert latest_checkpoint(out).name == f"step_{last:08d}"
     assert last < 100000
@@ -392,6 +393,13 @@ def test_torchrun_errors_reach_every_rank(data_dir, tmp_path):
     assert _torchrun(common).returncode == 0
     r = _torchrun(common, timeout=180)
     assert r.returncode != 0 and "--resume auto" in r.stderr
+    # A NaN loss on rank 1 only stops both ranks before the update (the logged loss is all-reduced).
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GPTLAB_TEST_NAN_AT_STEP": "2", "GPTLAB_TEST_NAN_RANK": "1"}
+    nan_run = [*common[:-1], str(tmp_path / "nan"), "--checkpoint-every", "1"]
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "-m", "gptlab", "train", *nan_run], capture_output=True, text=True, env=env, timeout=180)
+    assert r.returncode != 0 and "step 2: loss is nan" in r.stderr
+    assert [p.name for p in list_checkpoints(tmp_path / "nan")] == ["step_00000001"]
 
 
 @pytest.mark.gpu
