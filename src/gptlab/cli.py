@@ -61,11 +61,22 @@ def add_prepare(sub: argparse._SubParsersAction) -> None:
     _json_arg(p)
 
 
+def _recipe_names() -> list[str]:
+    """The shipped recipes (gptlab/configs/*.toml), without importing torch."""
+    from importlib import resources
+
+    try:
+        return sorted(p.name[:-5] for p in resources.files("gptlab").joinpath("configs").iterdir()
+                      if p.name.endswith(".toml"))
+    except (FileNotFoundError, NotADirectoryError):  # pragma: no cover - a broken install
+        return []
+
+
 def add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train or fine-tune a model (torchrun for many GPUs)",
                        description="Train from a recipe (configs/NAME.toml or a TOML file). Any config key can be "
                                    "set with --section.key=value, e.g. --model.n_layer=6 --optim.lr=1e-3.")
-    p.add_argument("--config", default=None, help="recipe name (see README) or path to a TOML file")
+    p.add_argument("--config", default=None, help=f"recipe name ({', '.join(_recipe_names())}) or a TOML file")
     p.add_argument("--data", help="prepared dataset directory (from gptlab prepare)")
     p.add_argument("--out", help="run directory (default: runs/<config name>)")
     p.add_argument("--max-steps", type=int, help="optimizer steps to run")

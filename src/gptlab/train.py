@@ -541,8 +541,14 @@ def _train(cfg: TrainConfig, info: gdist.DistInfo, device: torch.device) -> dict
         torch.set_num_threads(cfg.system.threads)
     dtype = resolve_dtype(cfg.system.dtype, device)
     if device.type == "cuda" and cfg.system.tf32:
-        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls outside autocast use TF32 tensor cores
-        torch.backends.cudnn.allow_tf32 = True
+        # fp32 matmuls outside autocast run on TF32 tensor cores (10-bit mantissa inputs, fp32 accumulate).
+        matmul = torch.backends.cuda.matmul
+        if hasattr(matmul, "fp32_precision"):  # torch >= 2.9 API; allow_tf32 is its deprecated alias
+            matmul.fp32_precision = "tf32"
+            torch.backends.cudnn.conv.fp32_precision = "tf32"
+        else:  # pragma: no cover - older torch
+            matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
     grad_accum = cfg.grad_accum_steps(info.world_size)
 
     # ---- data and run dir
