@@ -450,3 +450,17 @@ def test_hellaswag_during_training_matches_a_separate_evaluation(tmp_path, capsy
     train(cfg_for(tmp_path / "bpe", tmp_path / "run2", *small[:-2], f"--eval.hellaswag_input={tmp_path / 'nope.jsonl'}",
                   "--eval.hellaswag_every=2", max_steps=2))
     assert "HellaSwag evaluation is off" in capsys.readouterr().err
+
+
+def test_muon_training_resumes_exactly(data_dir, tmp_path):
+    """optim.optimizer=muon trains, and its state (momentum buffers + AdamW moments) round-trips a checkpoint."""
+    pytest.importorskip("gptlab.muon")
+    small = ["--batch.batch_tokens=128", "--batch.micro_batch=4", "--eval.eval_every=0", "--optim.optimizer=muon",
+             "--optim.decay_steps=4", "--checkpoint.keep_last=0"]
+    train(cfg_for(data_dir, tmp_path / "ref", *small, max_steps=4, checkpoint_every=2))
+    train(cfg_for(data_dir, tmp_path / "res", *small, max_steps=2, checkpoint_every=2))
+    train(cfg_for(data_dir, tmp_path / "res", *small, max_steps=4, checkpoint_every=2, resume="auto"))
+    assert train_losses(tmp_path / "res") == train_losses(tmp_path / "ref")
+    assert_same_weights(final_weights(tmp_path / "res"), final_weights(tmp_path / "ref"))
+    losses = [x for _, x in train_losses(tmp_path / "ref")]
+    assert losses[-1] < losses[0]
