@@ -81,7 +81,8 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="run directory (default: runs/<config name>)")
     p.add_argument("--max-steps", type=int, help="optimizer steps to run")
     p.add_argument("--resume", choices=["auto", "never"], default=None,
-                   help="auto: continue from the newest complete checkpoint in --out")
+                   help="auto: continue from the newest complete checkpoint in --out; never: start over there "
+                        "(default: refuse to touch a run dir that already has progress)")
     p.add_argument("--init", help="start from weights: " + SRC_HELP)
     p.add_argument("--micro-batch", type=int, help="sequences per forward/backward on each rank")
     p.add_argument("--batch-tokens", type=int, help="tokens per optimizer step, all ranks and micro-steps")
