@@ -166,3 +166,22 @@ def test_bench_loader_json(capsys):
         assert key in r, key
     assert r["tokens_per_s"] == pytest.approx(r["batches_per_s"] * 4 * 32)
     assert r["shuffle"] is True and r["source"].startswith("synthetic")
+
+
+@pytest.mark.gpu
+def test_bench_train_and_generate_on_gpu(capsys):
+    r = run_json(capsys, ["bench", "train", "--model", "tiny", "--batch", "4", "--seq", "64", "--steps", "4",
+                          "--warmup", "2", "--rounds", "2", "--dtype", "bfloat16", "--compile", "--vs-hf",
+                          "--device", "cuda", "--json"])
+    assert r["dtype"] == "bfloat16" and r["peak_memory_kind"] == "cuda_max_memory_allocated"
+    if r["peak_tflops"] is not None:  # a GPU in the peak table
+        assert r["mfu"] == pytest.approx(r["flops_per_token"] * r["tokens_per_s"] / (r["peak_tflops"] * 1e12))
+    g = run_json(capsys, ["bench", "generate", "--model", "tiny", "--prompt-tokens", "4", "--new-tokens", "16",
+                          "--rounds", "1", "--dtype", "bfloat16", "--vs-hf", "--device", "cuda", "--json"])
+    assert g["tokens_per_s"] > 0 and g["memory_bandwidth_gbps"] > 0
+
+
+def test_bench_train_bf16_autocast_runs_on_cpu(capsys):
+    r = run_json(capsys, ["bench", "train", "--model", "tiny", "--batch", "2", "--seq", "16", "--steps", "1",
+                          "--warmup", "1", "--rounds", "1", "--dtype", "bfloat16", "--device", "cpu", "--json"])
+    assert r["dtype"] == "bfloat16" and math.isfinite(r["loss_last"])

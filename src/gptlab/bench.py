@@ -12,9 +12,7 @@ H heads, Q head size and T the sequence length (the second term is attention's Q
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
-import math
 import os
 import platform
 import resource
@@ -178,51 +176,22 @@ def _parse_sets(items: list[str]) -> dict[str, Any]:
 
 
 def hf_twin(model: GPT) -> tuple[torch.nn.Module, str]:
-    """A transformers model computing the same function as ``model``, and its architecture name.
+    """A transformers model computing the same function as ``model`` (:func:`gptlab.hf.to_hf_model`:
+    GPT-2, Llama or Qwen3), and its architecture name.
 
-    Uses :func:`gptlab.hf.to_hf_model` (GPT-2, Llama or Qwen3). A bias-free GPT-2 (nanoGPT's
-    ``bias=False`` recipes) has no HF twin; it becomes GPT2LMHeadModel with zero biases, which
-    computes the same function at step 0 (HF then trains its biases, so losses drift apart).
+    A bias-free GPT-2 (nanoGPT's ``bias=False`` recipes) becomes GPT2LMHeadModel with zero biases:
+    the same function at step 0, but HF then trains those biases, so losses drift apart slowly.
     """
     from gptlab.hf import hf_architecture, to_hf_model
 
-    cfg = model.config
     try:
-        arch = hf_architecture(cfg)
+        arch = hf_architecture(model.config)
     except GptlabError as e:
-        if cfg.bias or not dataclasses.replace(cfg, bias=True).is_gpt2:
-            raise GptlabError(f"--vs-hf: {e}") from None
-        return _hf_gpt2_zero_bias(model), "gpt2-zero-bias"
+        raise GptlabError(f"--vs-hf: {e}") from None
     hf = to_hf_model(model)
-    if hasattr(hf, "tie_weights"):
-        hf.tie_weights()
+    if arch == "gpt2" and not model.config.bias:
+        arch = "gpt2-zero-bias"
     return hf, arch
-
-
-def _hf_gpt2_zero_bias(model: GPT) -> torch.nn.Module:
-    # gptlab.hf refuses bias=False on purpose (export must be exact); for a speed twin zero biases do.
-    from gptlab.hf import config_to_hf
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    cfg = model.config
-    hf_cfg = dict(config_to_hf(dataclasses.replace(cfg, bias=True)))
-    hf_cfg.pop("model_type")
-    p = next(model.parameters())
-    hf = GPT2LMHeadModel(GPT2Config(**hf_cfg)).to(device=p.device, dtype=p.dtype)
-    src = model.state_dict()
-    with torch.no_grad():
-        for key, tensor in hf.state_dict().items():
-            if key == "lm_head.weight":
-                continue  # tied to wte
-            if key not in src:  # a bias the bias-free model does not have
-                tensor.zero_()
-                continue
-            value = src[key]
-            if key.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")):
-                value = value.t()  # nn.Linear (out, in) -> Conv1D (in, out)
-            tensor.copy_(value[:cfg.vocab_size] if key == "transformer.wte.weight" else value)
-    hf.tie_weights()
-    return hf.eval()
 
 
 def _make_optimizer(model: torch.nn.Module, device: torch.device) -> torch.optim.Optimizer:

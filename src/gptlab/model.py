@@ -254,8 +254,9 @@ class GPT(nn.Module):
         x = self.transformer.wte(idx)  # (B, T, C)
         rope = None
         if self.config.pos_emb == "learned":
-            pos = torch.arange(pos0, pos0 + T, dtype=torch.long, device=idx.device)
-            x = x + self.transformer.wpe(pos)  # (T, C) broadcasts over B
+            # Positions are contiguous, so a slice of the table is the lookup: no index tensor, and its
+            # backward is a strided add instead of an index scatter (same values, fewer kernels).
+            x = x + self.transformer.wpe.weight[pos0:pos0 + T]  # (T, C) broadcasts over B
         else:
             rope = (self.rope_cos[pos0:pos0 + T], self.rope_sin[pos0:pos0 + T])  # (T, hs) each
         x = self.transformer.drop(x)
