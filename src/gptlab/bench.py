@@ -397,37 +397,47 @@ def bench_generate(model: str = "gpt2", *, batch: int = 1, prompt_tokens: int = 
         kwargs["decode_fn"] = lambda m, x, kv, **kw: decode_one_token(compiled, x, kv, **kw)
 
     out_extra: dict[str, Any] = {}
-    runners: dict[str, Callable[[], torch.Tensor]] = {
-        "gptlab": lambda: generate(net, idx, N, temperature=0.0, use_kv_cache=True, **kwargs)}
+    def contenders(n: int) -> dict[str, Callable[[], torch.Tensor]]:
+        runs: dict[str, Callable[[], torch.Tensor]] = {
+            "gptlab": lambda: generate(net, idx, n, temperature=0.0, use_kv_cache=True, **kwargs)}
+        if vs_hf:
+            runs["hf"] = lambda: hf.generate(input_ids=idx, attention_mask=mask, do_sample=False,
+                                             min_new_tokens=n, max_new_tokens=n)
+        if no_cache_baseline:
+            runs["no_cache"] = lambda: generate(net, idx, n, temperature=0.0, use_kv_cache=False)
+        return runs
+
     if vs_hf:
         hf, hf_arch = hf_twin(net)
         hf.eval()
         out_extra["hf_architecture"] = hf_arch
         mask = torch.ones_like(idx)
-        runners["hf"] = lambda: hf.generate(input_ids=idx, attention_mask=mask, do_sample=False,
-                                            min_new_tokens=N, max_new_tokens=N)
-    if no_cache_baseline:
-        runners["no_cache"] = lambda: generate(net, idx, N, temperature=0.0, use_kv_cache=False)
+    runners = contenders(N)
+    warmups = contenders(min(N, 8))  # prefill + a few steps: allocator, compile, lazy init
 
     times: dict[str, list[float]] = {k: [] for k in runners}
     outputs: dict[str, torch.Tensor] = {}
     peak: dict[str, float] = {}
     with torch.inference_mode():
-        for name, run in runners.items():  # warm-up (and compile) outside the timed rounds
+        for name, run in warmups.items():  # a short warm-up (and compile) outside the timed rounds
             if dev.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(dev)
             t0 = time.perf_counter()
-            outputs[name] = run()
+            run()
             _sync(dev)
-            peak[name] = (torch.cuda.max_memory_allocated(dev) / 2**20) if dev.type == "cuda" else _max_rss_mb()
             _say(f"bench generate: {name} warm-up {time.perf_counter() - t0:.1f}s", quiet)
         for r in range(rounds):
             for name, run in runners.items():
+                if dev.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(dev)
                 _sync(dev)
                 t0 = time.perf_counter()
-                run()
+                outputs[name] = run()
                 _sync(dev)
                 times[name].append(time.perf_counter() - t0)
+                # CUDA: this contender's own peak; CPU: the process high-water mark when it first ran.
+                used = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else _max_rss_mb()
+                peak[name] = max(peak.get(name, 0.0), used) if dev.type == "cuda" else peak.get(name, used)
             _say(f"bench generate: round {r + 1}/{rounds}: " + ", ".join(
                 f"{k} {batch * N / statistics.median(v):,.1f} tokens/s" for k, v in times.items()), quiet)
 
