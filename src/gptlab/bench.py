@@ -711,6 +711,7 @@ def cli_bench_prepare(args: Any) -> int:
 
 def cli_bench_loader(args: Any) -> int:
     """``gptlab bench loader``."""
+    _set_threads(getattr(args, "threads", 0))
     r = bench_loader(data=args.data, batch=args.batch, seq=args.seq, batches=args.batches, shuffle=args.shuffle,
                      device=args.device, quiet=args.json)
     _emit(r, args.json, [_fmt_env(r), f"{r['source']}: batch {r['batch']} x seq {r['seq']}"

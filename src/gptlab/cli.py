@@ -193,6 +193,7 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
     lo.add_argument("--seq", type=int, default=1024)
     lo.add_argument("--batches", type=int, default=200)
     lo.add_argument("--shuffle", action="store_true")
+    lo.add_argument("--threads", type=int, default=0, help="CPU threads for torch (default: torch's choice)")
     _device_arg(lo)
     _json_arg(lo)
 
