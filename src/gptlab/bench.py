@@ -306,6 +306,7 @@ def bench_train(model: str = "gpt2", *, batch: int = 8, seq: int | None = None, 
         "warmup": warmup, "rounds": rounds, "dtype": str(dt).replace("torch.", ""), "compile": compile,
         "n_params": net.num_params(), "n_params_non_embedding": n_params,
         "flops_per_token": fpt, "flops_formula": "6*N + 12*L*H*Q*T", "tokens_per_step": tokens_per_step,
+        "optimizer": "AdamW(fused)" if dev.type == "cuda" else "AdamW(foreach)",
         **environment(dev),
     }
     g = contenders["gptlab"]
