@@ -62,12 +62,17 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def gptlab(*args: str) -> None:
-    """Run one ``gptlab`` command in a subprocess (the one installed beside this Python)."""
+def gptlab(*args: str, log_file: Path | None = None) -> None:
+    """Run one ``gptlab`` command in a subprocess (the one installed beside this Python). Its stderr goes
+    to ``log_file`` (not a pipe: a run must survive this script being interrupted)."""
     cmd = [sys.executable, "-m", "gptlab", *args]
-    proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    log_file = log_file or Path(os.devnull)
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_file, "w") as err:
+        proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=err)
     if proc.returncode != 0:
-        raise SystemExit(f"ablation: command failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr[-3000:]}")
+        tail = log_file.read_text()[-3000:] if log_file != Path(os.devnull) else ""
+        raise SystemExit(f"ablation: command failed ({proc.returncode}): {' '.join(cmd)}\n{tail}")
 
 
 def prepare(input_path: Path, data_dir: Path) -> None:
@@ -75,27 +80,31 @@ def prepare(input_path: Path, data_dir: Path) -> None:
         return
     if not input_path.exists():
         raise SystemExit(f"ablation: --input {input_path} not found (the Tiny Shakespeare text file)")
-    gptlab("prepare", "shakespeare_char", "--input", str(input_path), "--out", str(data_dir))
+    gptlab("prepare", "shakespeare_char", "--input", str(input_path), "--out", str(data_dir),
+           log_file=data_dir.parent / "prepare.log")
 
 
 def train(name: str, run_dir: Path, data_dir: Path, steps: int, eval_every: int, threads: int, seed: int,
           extra: list[str]) -> dict[str, Any]:
-    """One training run of ``steps`` iterations (reused when already finished); its result summary."""
+    """One training run of ``steps`` iterations (reused when already finished, even by an earlier
+    invocation that was interrupted before writing result.json); its result summary."""
     result_file = run_dir / "result.json"
     if result_file.exists():
         return json.loads(result_file.read_text())
     recipe, overrides = CONFIGS[name]
-    if run_dir.exists():  # an unfinished earlier attempt: start it over
+    finished = any(r.get("kind") == "val" and r.get("step") == steps for r in read_metrics(run_dir))
+    if run_dir.exists() and not finished:  # an unfinished earlier attempt: start it over
         import shutil
 
         shutil.rmtree(run_dir)
     t0 = time.time()
     load0 = load_avg()
-    gptlab("train", "--config", recipe, "--data", str(data_dir), "--out", str(run_dir),
-           "--max-steps", str(steps), "--eval-every", str(eval_every), "--checkpoint-every", "0",
-           "--seed", str(seed), "--device", "cpu", f"--optim.decay_steps={steps}", "--eval.sample_every=0",
-           f"--system.threads={threads}", "--logging.progress=false", f"--logging.log_every={max(steps, 1)}",
-           "--checkpoint.keep_last=1", *overrides, *extra)
+    if not finished:
+        gptlab("train", "--config", recipe, "--data", str(data_dir), "--out", str(run_dir),
+               "--max-steps", str(steps), "--eval-every", str(eval_every), "--checkpoint-every", "0",
+               "--seed", str(seed), "--device", "cpu", f"--optim.decay_steps={steps}", "--eval.sample_every=0",
+               f"--system.threads={threads}", "--logging.progress=false", f"--logging.log_every={max(steps, 1)}",
+               "--checkpoint.keep_last=1", *overrides, *extra, log_file=run_dir.parent / f"{run_dir.name}.log")
     recs = read_metrics(run_dir)
     train_recs = [r for r in recs if r.get("kind") == "train"]
     vals = [r for r in recs if r.get("kind") == "val"]
@@ -161,6 +170,12 @@ def timing(names: list[str], out: Path, data_dir: Path, steps: int, rounds: int,
             log(f"timing round {r}/{rounds}: " + ", ".join(f"{n} {statistics.median(dts[n]):.0f}" for n in names)
                 + f" ms/step (load {loads[-1]})")
     res: dict[str, Any] = {n: {"ms_per_step": statistics.median(v), "n": len(v)} for n, v in dts.items()}
+    # Also each round's ratio to GPT-2 (same round, so the same load): a drift-free view of the cost.
+    for n in names:
+        per_round = [statistics.median(dts[n][i:i + steps]) / statistics.median(dts["gpt2"][i:i + steps])
+                     for i in range(0, len(dts[n]), steps)]
+        res[n]["ratio_to_gpt2_per_round"] = [round(x, 3) for x in per_round]
+        res[n]["ratio_to_gpt2"] = round(statistics.median(per_round), 3)
     res["_load"] = {"min": min(loads), "max": max(loads), "mean": round(statistics.mean(loads), 2)}
     cache.write_text(json.dumps(res, indent=1))
     return res
@@ -192,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="torch CPU threads per run (1 is steadier on a shared machine)")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--jobs", type=int, default=1, help="training runs at a time after the timing phase")
+    p.add_argument("--timing-only", action="store_true", help="measure ms/step of every config and stop")
     p.add_argument("--no-equal-time", action="store_true", help="skip the equal-wall-clock runs")
     p.add_argument("--tolerance", type=float, default=0.03,
                    help="reuse the fixed-step run when the equal-time step count is within this fraction")
@@ -213,6 +229,9 @@ def main(argv: list[str] | None = None) -> int:
 
     log(f"ablation: {len(names)} configs, load average {load_avg()}")
     tim = timing(names, out, data_dir, args.timing_steps, args.timing_rounds, args.threads, args.extra)
+    if args.timing_only:
+        print(json.dumps(tim)) if args.json else log(json.dumps(tim, indent=1))
+        return 0
     budget_ms = args.steps * tim["gpt2"]["ms_per_step"]
     # Phase 1: every config at the fixed step count; phase 2: the extra equal-wall-clock runs. Runs may go
     # --jobs at a time: their speed does not enter the results (ms/step comes from the timing phase).
