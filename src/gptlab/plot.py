@@ -236,7 +236,7 @@ def plot_runs(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike, *, 
             ax_hs.axhline(value, color=color, linestyle=":", linewidth=1.2, label=f"{label} {value:.4g}")
         ax_hs.legend(fontsize=8)
     else:
-        ax_hs.text(0.5, 0.5, "no HellaSwag evaluations logged\n(eval.hellaswag_every > 0 logs them)",
+        ax_hs.text(0.5, 0.5, "no HellaSwag evaluations logged\n(they need a GPT-2-tokenizer model\nand eval.hellaswag_every > 0)",
                    ha="center", va="center", transform=ax_hs.transAxes, color="gray")
     ax_hs.set(xlabel=xlabel, ylabel="acc_norm", title="HellaSwag (completion style)")
     ax_hs.grid(alpha=0.3)
