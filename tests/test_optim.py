@@ -81,7 +81,10 @@ def test_build_adamw_and_set_lr():
     assert isinstance(opt, torch.optim.AdamW) and "param group decay" in summary
     assert [g["weight_decay"] for g in opt.param_groups] == [0.05, 0.0]
     assert opt.param_groups[0]["betas"] == (0.9, 0.99) and opt.param_groups[0]["eps"] == 1e-7
-    assert not opt.param_groups[0].get("fused")  # fused only on CUDA
+    assert opt.param_groups[0].get("fused")  # fused kernel on CPU too (torch >= 2.4)
+    ref_model = GPT(ModelConfig.from_preset("tiny"))
+    ref_model.load_state_dict(model.state_dict())
+    ref = torch.optim.AdamW(param_groups(ref_model, 0.05), lr=1e-3, betas=(0.9, 0.99), eps=1e-7, foreach=False)
     set_lr(opt, 0.5)
     assert [g["lr"] for g in opt.param_groups] == [5e-4, 5e-4]
     # the optimizer really steps with those groups: no-decay params move only by the gradient
@@ -91,6 +94,14 @@ def test_build_adamw_and_set_lr():
     before = model.transformer.ln_f.weight.detach().clone()
     opt.step()
     assert not torch.equal(before, model.transformer.ln_f.weight)
+    # the fused update equals the plain for-loop AdamW to rounding
+    _, ref_loss = ref_model(x, x)
+    ref_loss.backward()
+    for g in ref.param_groups:
+        g["lr"] = 5e-4
+    ref.step()
+    for p, q in zip(model.parameters(), ref_model.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5)
 
 
 def test_muon_optimizer_groups_scale_with_schedule():
