@@ -16,15 +16,6 @@ from gptlab.model import GPT
 V = 97
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy machine OpenMP's spinning
-    workers make them ~10x slower; restore the setting for the tests of other modules."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _model(block_size: int = 16, seed: int = 0, **overrides) -> GPT:
     cfg = ModelConfig.from_preset("tiny", **{"vocab_size": V, "block_size": block_size, **overrides})

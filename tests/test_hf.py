@@ -19,15 +19,6 @@ from gptlab.tokenizer import CharTokenizer, GPT2Tokenizer  # noqa: E402
 V_SMALL = 96
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy machine OpenMP's spinning
-    workers make them ~10x slower; restore the setting for the tests of other modules."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _hf_gpt2(vocab_size: int = V_SMALL, seed: int = 0, **kw):
     torch.manual_seed(seed)

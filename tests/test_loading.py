@@ -14,15 +14,6 @@ from gptlab.model import GPT
 from gptlab.tokenizer import CharTokenizer, GPT2Tokenizer
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy machine OpenMP's spinning
-    workers make them ~10x slower; restore the setting for the tests of other modules."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _tiny(**kw) -> GPT:
     torch.manual_seed(0)

@@ -17,7 +17,7 @@ import torch
 from gptlab.checkpoint import latest_checkpoint, list_checkpoints, load_model_from_checkpoint, load_model_state
 from gptlab.config import ConfigError, resolve_train_config
 from gptlab.metrics import read_metrics
-from gptlab.train import ResumeError, TrainingDiverged, train
+from gptlab.train import ResumeError, train
 
 TINY = ["--model.n_layer=2", "--model.n_head=2", "--model.n_embd=32", "--model.block_size=32",
         "--eval.eval_tokens=2048", "--eval.sample_every=0", "--logging.progress=false", "--system.device=cpu",

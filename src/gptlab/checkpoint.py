@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from gptlab.errors import GptlabError
+from gptlab.fsio import fsync_dir, fsync_file
 
 CHECKPOINTS = "checkpoints"
 COMPLETE = "COMPLETE"
@@ -80,24 +81,6 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
         raise CheckpointError(f"{p}: no complete checkpoint in {p / CHECKPOINTS} "
                               f"(train longer, or check that the run saved one)")
     return latest
-
-
-def _fsync_file(path: Path) -> None:
-    with path.open("rb") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -165,25 +148,25 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, *, model_state: dict[
     meta = {**meta, "step": step, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     save_file(model_tensors(model_state, tied), str(tmp / "model.safetensors"),
               metadata={"format": "pt", "gptlab_step": str(step)})
-    _fsync_file(tmp / "model.safetensors")
+    fsync_file(tmp / "model.safetensors")
     _test_kill_hook("GPTLAB_TEST_KILL_IN_SAVE", step)
     if optimizer_state is not None:
         torch.save(optimizer_state, tmp / "optimizer.pt")
-        _fsync_file(tmp / "optimizer.pt")
+        fsync_file(tmp / "optimizer.pt")
     torch.save({"ranks": rng_states}, tmp / "rng.pt")
-    _fsync_file(tmp / "rng.pt")
+    fsync_file(tmp / "rng.pt")
     _write_json(tmp / "meta.json", meta)
-    _fsync_file(tmp / "meta.json")
-    _fsync_dir(tmp)
+    fsync_file(tmp / "meta.json")
+    fsync_dir(tmp)
     old = None
     if final.exists():  # the same step saved again (e.g. an incomplete leftover): swap, then delete
         old = root / f".old-{final.name}-{os.getpid()}"
         os.replace(final, old)
     os.replace(tmp, final)
-    _fsync_dir(root)
+    fsync_dir(root)
     (final / COMPLETE).write_text(f"{step}\n", encoding="utf-8")
-    _fsync_file(final / COMPLETE)
-    _fsync_dir(final)
+    fsync_file(final / COMPLETE)
+    fsync_dir(final)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
     return final

@@ -42,7 +42,7 @@ import torch.nn as nn
 
 from gptlab import dist as gdist
 from gptlab.checkpoint import (
-    capture_rng_state, latest_checkpoint, list_checkpoints, load_into_model, load_model_state,
+    capture_rng_state, latest_checkpoint, load_into_model, load_model_state,
     load_training_state, prune_checkpoints, restore_rng_state, save_checkpoint,
 )
 from gptlab.config import TRAIN_FLAGS, ConfigError, ModelConfig, TrainConfig, from_dict, resolve_train_config, to_dict

@@ -23,6 +23,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from gptlab.errors import GptlabError
+from gptlab.fsio import fsync_dir
 
 HEADER_INTS = 256
 HEADER_BYTES = HEADER_INTS * 4
@@ -53,19 +54,6 @@ def _header_for(dtype: np.dtype, count: int) -> np.ndarray:
     header[1] = VERSION_U16 if u16 else VERSION_U32
     header[2] = count
     return header
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - e.g. Windows
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
 
 
 def write_shard(path: str | os.PathLike, tokens: Any, vocab_size: int) -> str:
@@ -178,7 +166,7 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
