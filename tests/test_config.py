@@ -56,3 +56,18 @@ def test_parse_overrides_and_toml(tmp_path):
         load_toml(p)
     with pytest.raises(ConfigError, match="config file not found"):
         load_toml(tmp_path / "nope.toml")
+
+
+def test_model_arch_switch_sets_modern_base_and_explicit_keys_win():
+    from gptlab.config import MODERN_ARCH, resolve_train_config
+
+    cfg = resolve_train_config("shakespeare-char-cpu", overrides=["--model.arch=modern", "--model.mlp=relu2"])
+    m = cfg.model
+    assert (m.n_layer, m.n_embd) == (4, 128)  # sizes from the recipe
+    assert m.mlp == "relu2"  # explicit key beats the arch base
+    for key, value in MODERN_ARCH.items():
+        if key != "mlp":
+            assert getattr(m, key) == value, key
+    assert resolve_train_config("shakespeare-char-cpu", overrides=["--model.arch=gpt2"]).model.pos_emb == "learned"
+    with pytest.raises(ConfigError, match="model.arch='modren'.*did you mean 'modern'"):
+        resolve_train_config("shakespeare-char-cpu", overrides=["--model.arch=modren"])

@@ -277,6 +277,9 @@ MODERN_ARCH: dict[str, Any] = dict(
     zero_init_proj=True,
 )
 
+# `--model.arch=NAME`: architecture switches only (sizes untouched).
+ARCH_PRESETS: dict[str, dict[str, Any]] = {"gpt2": {}, "modern": MODERN_ARCH}
+
 MODEL_PRESETS: dict[str, dict[str, Any]] = {
     "gpt2": dict(n_layer=12, n_head=12, n_embd=768),
     "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),
@@ -588,6 +591,14 @@ def resolve_train_config(config: str | None = None, flags: dict[str, Any] | None
             raise ConfigError(f"unknown train flag {flag!r}{closest(flag, TRAIN_FLAGS)}")
         set_dotted(data, TRAIN_FLAGS[flag], value)
     data = merge(data, parse_overrides(overrides))
+    model = data.get("model")
+    if isinstance(model, dict) and "arch" in model:
+        # `model.arch` is a base for the architecture switches: keys set explicitly anywhere still win.
+        model = dict(model)
+        arch = str(model.pop("arch"))
+        if arch not in ARCH_PRESETS:
+            raise ConfigError(f"model.arch={arch!r}: expected one of {', '.join(ARCH_PRESETS)}{closest(arch, ARCH_PRESETS)}")
+        data["model"] = {**ARCH_PRESETS[arch], **model}
     try:
         return from_dict(TrainConfig, data, "")
     except ConfigError as e:
