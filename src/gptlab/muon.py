@@ -26,6 +26,7 @@ import torch.nn as nn
 from torch.optim.adamw import adamw as _adamw_functional
 
 from gptlab.errors import GptlabError
+from gptlab.runtime import unwrap_model
 
 # Quintic Newton-Schulz coefficients tuned to maximise the slope at zero (Keller Jordan): 5 steps push
 # every singular value of a normalised matrix into roughly [0.7, 1.2] instead of converging to exactly 1,
@@ -173,17 +174,6 @@ class MuonAdamW(torch.optim.Optimizer):
                           weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The bare model under DDP (``.module``) and torch.compile (``._orig_mod``) wrappers."""
-    while True:
-        inner = getattr(model, "module", None)
-        if not isinstance(inner, nn.Module):
-            inner = getattr(model, "_orig_mod", None)
-        if not isinstance(inner, nn.Module):
-            return model
-        model = inner
-
-
 def _fused_split(module: nn.Module) -> list[int]:
     """Row blocks of a fused projection that are separate matrices in the math ([] when not fused)."""
     from gptlab.model import MLP, CausalSelfAttention
@@ -202,7 +192,7 @@ def muon_param_groups(model: nn.Module, *, lr: float, weight_decay: float, muon_
                       split_fused: bool = True) -> list[dict[str, Any]]:
     """Route parameters: Linear weights inside the blocks -> Muon; embeddings and lm_head -> AdamW with
     weight decay; norm gains and biases (1-D) -> AdamW without decay. Empty groups are dropped."""
-    model = _unwrap(model)
+    model = unwrap_model(model)
     head = getattr(model, "lm_head", None)
     muon: dict[tuple[int, ...], list[nn.Parameter]] = {}
     decay, no_decay = [], []

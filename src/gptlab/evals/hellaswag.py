@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from gptlab.errors import GptlabError
+from gptlab.runtime import unwrap_model
 from gptlab.evals import GPT2_HELLASWAG_ACC, GPT2_HELLASWAG_ACC_NORM, GPT3_HELLASWAG_ACC_NORM  # noqa: F401
 
 HELLASWAG_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_{split}.jsonl"
@@ -209,15 +210,6 @@ def choose(loss_sum: torch.Tensor, n_tokens: torch.Tensor) -> tuple[torch.Tensor
     return s.argmin(1), mean.argmin(1)
 
 
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The plain GPT under torch.compile / DDP wrappers (for its config; forward goes through the wrapper)."""
-    while True:
-        inner = getattr(model, "_orig_mod", None) or getattr(model, "module", None)
-        if not isinstance(inner, torch.nn.Module):
-            return model
-        model = inner
-
-
 def _dist_info() -> tuple[int, int]:
     import torch.distributed as dist
 
@@ -249,7 +241,7 @@ def evaluate_hellaswag(model: torch.nn.Module, examples: Sequence[dict], tokeniz
     examples = list(examples[:limit] if limit is not None else examples)
     rank, world = _dist_info()
     mine = examples[rank::world]
-    block_size = getattr(getattr(_unwrap(model), "config", None), "block_size", None)
+    block_size = getattr(getattr(unwrap_model(model), "config", None), "block_size", None)
 
     t0 = time.perf_counter()
     was_training = model.training

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from gptlab.errors import GptlabError
+from gptlab.runtime import unwrap_model
 
 # build-nanogpt's validation budget: 20 steps x 64 sequences x 1024 tokens x 8 GPUs.
 DEFAULT_EVAL_TOKENS = 10_485_760
@@ -60,14 +61,6 @@ def _windows(data_dir: Path, split: str, manifest: dict[str, Any], T: int) -> li
     return out
 
 
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    while True:
-        inner = getattr(model, "_orig_mod", None) or getattr(model, "module", None)
-        if not isinstance(inner, torch.nn.Module):
-            return model
-        model = inner
-
-
 @torch.no_grad()
 def evaluate_loss(model: torch.nn.Module, data_dir: str | os.PathLike, *, split: str = "val",
                   tokens: int | None = None, seq_len: int | None = None, batch_size: int = 8,
@@ -89,7 +82,7 @@ def evaluate_loss(model: torch.nn.Module, data_dir: str | os.PathLike, *, split:
     data_dir = Path(data_dir)
     device = torch.device(device)
     manifest = read_manifest(data_dir)
-    cfg = _unwrap(model).config
+    cfg = unwrap_model(model).config
     check_tokenizer(manifest, cfg.vocab_size, tokenizer, str(data_dir))
     T = int(seq_len or cfg.block_size)
     if not 1 <= T <= cfg.block_size:
