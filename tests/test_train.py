@@ -239,11 +239,14 @@ def test_sigterm_checkpoints_and_exits_zero(data_dir, tmp_path, sig):
 
 
 def test_time_limit_stops_cleanly(data_dir, tmp_path):
-    s = train(cfg_for(data_dir, tmp_path / "tl", "--system.time_limit=0.0001", "--eval.eval_every=0",
+    s = train(cfg_for(data_dir, tmp_path / "tl", "--system.time_limit=0.0001", "--eval.eval_every=1000",
                       "--batch.batch_tokens=128", "--batch.micro_batch=4", max_steps=100000, checkpoint_every=0))
     assert s["stopped"] == "time_limit"
-    assert 1 <= s["steps"] < 100000
+    assert 1 <= s["steps"] < 1000
     assert latest_checkpoint(tmp_path / "tl").name == f"step_{s['steps']:08d}"
+    # a stop checkpoints at once: no validation pass that was not due
+    kinds = [json.loads(line)["kind"] for line in (tmp_path / "tl" / "metrics.jsonl").read_text().splitlines()]
+    assert "val" not in kinds and s["val_loss"] is None
 
 
 # --------------------------------------------------------------------------- config and resume errors

@@ -724,8 +724,10 @@ def run_loop(tr: Trainer, t_start: float) -> dict[str, Any]:
                 bar.write(format_step(rec, max_steps), file=sys.stderr)
             if kill_at and step == kill_at:
                 os.kill(os.getpid(), signal.SIGKILL)  # test hook: a crash between log and checkpoint
-            last = step == max_steps or stop_req
+            last = step == max_steps
             if stop_req:
+                # A stop (signal, time limit) skips evaluations that are not due: schedulers give a short
+                # grace period, and the checkpoint below is what must make it to disk.
                 stopped = tr.stop.reason or "time_limit"
             if tr.val_loader is not None and _due(step, cfg.eval.eval_every, last):
                 tr.last_val = tr.evaluate()
@@ -750,7 +752,7 @@ def run_loop(tr: Trainer, t_start: float) -> dict[str, Any]:
                     for i, t in enumerate(texts):
                         tr.logger.log({"kind": "sample", "step": step, "index": i, "text": t})
                     bar.write(f"step {step}: sample: {texts[0]!r}", file=sys.stderr)
-            if _due(step, cfg.checkpoint.every, False) or last:
+            if _due(step, cfg.checkpoint.every, False) or last or stop_req:
                 tr.save()
             if stop_req:
                 break
