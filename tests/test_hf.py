@@ -333,31 +333,28 @@ def test_export_refuses_non_empty_dir_unless_overwrite(tmp_path):
 # --------------------------------------------------------------------------- generation and CLI
 
 
-def test_greedy_continuation_matches_transformers_generate(hf_gpt2_dir):
+def _assert_same_greedy(model, ref, new_tokens: int = 40) -> None:
+    """gptlab's greedy continuation equals transformers' generate(do_sample=False), token for token."""
     from gptlab.generate import generate
 
-    d, ref = hf_gpt2_dir
-    model, _ = hf.load_hf_dir(d)
     x = _tokens(8, batch=3)
-    ours = generate(model, x, 40, temperature=0)
+    ours = generate(model, x, new_tokens, temperature=0)
     with torch.no_grad():
-        theirs = ref.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=40, do_sample=False,
+        theirs = ref.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=new_tokens, do_sample=False,
                               pad_token_id=0)
     assert torch.equal(ours, theirs)
+
+
+def test_greedy_continuation_matches_transformers_generate(hf_gpt2_dir):
+    d, ref = hf_gpt2_dir
+    model, _ = hf.load_hf_dir(d)
+    _assert_same_greedy(model, ref)
 
 
 @pytest.mark.parametrize("overrides", [dict(MODERN_ARCH), dict(MODERN_ARCH, qk_norm=False, n_kv_head=2)])
 def test_greedy_continuation_matches_transformers_modern(overrides):
-    from gptlab.generate import generate
-
     model = _gptlab(**overrides)
-    ref = hf.to_hf_model(model)
-    x = _tokens(8, batch=3)
-    ours = generate(model, x, 40, temperature=0)
-    with torch.no_grad():
-        theirs = ref.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=40, do_sample=False,
-                              pad_token_id=0)
-    assert torch.equal(ours, theirs)
+    _assert_same_greedy(model, hf.to_hf_model(model))
 
 
 def test_cli_export_round_trip(tmp_path, capsys, hf_gpt2_dir):
