@@ -109,7 +109,9 @@ def add_sample(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-kv-cache", action="store_true", help="recompute the whole context every step")
     p.add_argument("--stream", action="store_true", help="print text as it is produced (one sample at a time)")
     p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto")
-    p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the one-token decode step over a static-shape KV cache "
+                        "(captured as a CUDA graph on GPU)")
     _device_arg(p)
     _json_arg(p)
 

@@ -17,7 +17,7 @@ import json
 import sys
 import time
 import warnings
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -62,22 +62,54 @@ def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = N
     return torch.multinomial(probs, num_samples=1, generator=generator)
 
 
-def decode_one_token(model, x: torch.Tensor, kv_cache=None, **sampling) -> torch.Tensor:
-    """Run ``x`` (B, T) through ``model`` (advancing ``kv_cache`` if given) and sample the next ids (B, 1)."""
-    logits, _ = model(x, kv_cache=kv_cache, last_only=True)  # (B, 1, V)
+def decode_one_token(model, x: torch.Tensor, kv_cache=None, input_pos: torch.Tensor | None = None,
+                     **sampling) -> torch.Tensor:
+    """Run ``x`` (B, T) through ``model`` (advancing ``kv_cache`` if given, or writing it at
+    ``input_pos`` on the static path) and sample the next ids (B, 1)."""
+    if input_pos is None:
+        logits, _ = model(x, kv_cache=kv_cache, last_only=True)  # (B, 1, V)
+    else:
+        logits, _ = model(x, kv_cache=kv_cache, input_pos=input_pos, last_only=True)
     return sample(logits, **sampling)
+
+
+def compiled_decode_fn(model, mode: str | None = None) -> Callable[..., torch.Tensor]:
+    """A ``decode_fn`` for :func:`stream_generate` with ``static_cache=True``: the one-token forward
+    compiled once with fixed shapes (``fullgraph``, no dynamic dims), sampling left eager.
+
+    ``mode`` defaults to ``"reduce-overhead"`` on CUDA -- the step is captured as a CUDA graph and
+    replayed, which removes the per-kernel launch cost that dominates batch-1 decoding of small
+    models -- and to inductor's default elsewhere.
+    """
+    device = next(model.parameters()).device
+    if mode is None:
+        mode = "reduce-overhead" if device.type == "cuda" else "default"
+    fwd = torch.compile(model, mode=mode, fullgraph=True, dynamic=False)
+
+    def step(_model, x: torch.Tensor, kv_cache, input_pos: torch.Tensor | None = None,
+             **sampling) -> torch.Tensor:
+        if input_pos is None:  # growing-cache and no-cache steps change shape: keep them eager
+            return decode_one_token(_model, x, kv_cache, **sampling)
+        logits, _ = fwd(x, kv_cache=kv_cache, input_pos=input_pos, last_only=True)
+        # Sample before the next replay: a CUDA-graph output is overwritten by the next call.
+        return sample(logits, **sampling)
+
+    return step
 
 
 @torch.no_grad()
 def stream_generate(model, idx: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
                     top_k: int | None = None, top_p: float | None = None,
                     generator: torch.Generator | None = None, use_kv_cache: bool = True,
-                    stop_id: int | None = None, decode_fn=None) -> Iterator[torch.Tensor]:
+                    stop_id: int | None = None, decode_fn=None, static_cache: bool = False
+                    ) -> Iterator[torch.Tensor]:
     """Yield the next token ids (B,) one step at a time, continuing ``idx`` (B, T).
 
     With ``stop_id`` it stops once every row has produced it (rows that finished earlier keep
     yielding ``stop_id``). ``decode_fn`` replaces :func:`decode_one_token` for the one-token cached
     steps and the uncached loop (e.g. a compiled one); (re)fills of the cache always run eagerly.
+    ``static_cache``: one-token steps take the static-shape path of :class:`~gptlab.model.KVCache`
+    (positions as a tensor, the whole buffer under a mask), which :func:`compiled_decode_fn` needs.
     """
     if idx.dim() != 2 or idx.size(1) == 0:
         raise GptlabError("generate: idx must be a non-empty (batch, tokens) tensor; give at least one prompt token")
@@ -93,15 +125,32 @@ def stream_generate(model, idx: torch.Tensor, max_new_tokens: int, *, temperatur
         seq = idx
         B = idx.size(0)
         done = torch.zeros(B, dtype=torch.bool, device=idx.device)
-        cache = None
+        cache = pos = None
         if use_kv_cache:
             cache = model.new_kv_cache(B, max_seq_len=min(W, idx.size(1) + max_new_tokens))
+            if static_cache:
+                # The position lives on the device and is bumped in place: no host-to-device copy per
+                # step, and a CUDA graph replays with the buffers it captured.
+                pos = torch.zeros(1, dtype=torch.long, device=idx.device)
+                if idx.device.type == "cuda":
+                    from torch._dynamo import mark_static_address
+
+                    mark_static_address(cache.k)
+                    mark_static_address(cache.v)
         for i in range(max_new_tokens):
             if cache is None:
                 nxt = step(model, seq[:, -W:], None, **sampling)
             elif i == 0 or cache.pos >= cache.max_seq_len:
                 cache.reset()  # prefill, or the window is full: refill it with the last W tokens
                 nxt = decode_one_token(model, seq[:, -W:], cache, **sampling)
+                if pos is not None:
+                    pos.fill_(cache.pos)
+            elif pos is not None:
+                # ``nxt`` (B, 1) is the token just appended; unlike a view of ``seq`` its strides do
+                # not change with the length, so a compiled step is not re-specialised each token.
+                nxt = step(model, nxt, cache, input_pos=pos, **sampling)
+                cache.pos += 1
+                pos.add_(1)
             else:
                 nxt = step(model, seq[:, -1:], cache, **sampling)
             if stop_id is not None:
@@ -117,7 +166,8 @@ def stream_generate(model, idx: torch.Tensor, max_new_tokens: int, *, temperatur
 
 def generate(model, idx: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, generator: torch.Generator | None = None,
-             use_kv_cache: bool = True, stop_id: int | None = None, decode_fn=None) -> torch.Tensor:
+             use_kv_cache: bool = True, stop_id: int | None = None, decode_fn=None,
+             static_cache: bool = False) -> torch.Tensor:
     """``idx`` (B, T) followed by up to ``max_new_tokens`` sampled tokens: (B, T + new).
 
     Temperature 0 is greedy. Pass a seeded ``torch.Generator`` (on the model's device) for
@@ -125,7 +175,7 @@ def generate(model, idx: torch.Tensor, max_new_tokens: int, *, temperature: floa
     """
     new = list(stream_generate(model, idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                                generator=generator, use_kv_cache=use_kv_cache, stop_id=stop_id,
-                               decode_fn=decode_fn))
+                               decode_fn=decode_fn, static_cache=static_cache))
     if not new:
         return idx
     return torch.cat([idx, torch.stack(new, dim=1)], dim=1)
@@ -196,12 +246,10 @@ def cli_sample(args) -> int:
     text = read_prompt(args.prompt)
     prompt_ids = _encode_prompt(tokenizer, text)
     gen = torch.Generator(device=device).manual_seed(args.seed)
-    decode_fn = None
-    if args.compile:
-        compiled = torch.compile(model, dynamic=True)
-        decode_fn = lambda m, x, kv, **kw: decode_one_token(compiled, x, kv, **kw)  # noqa: E731
+    decode_fn = compiled_decode_fn(model) if args.compile and not args.no_kv_cache else None
     kw = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, generator=gen,
-              use_kv_cache=not args.no_kv_cache, stop_id=None, decode_fn=decode_fn)
+              use_kv_cache=not args.no_kv_cache, stop_id=None, decode_fn=decode_fn,
+              static_cache=decode_fn is not None)
     out_stream = sys.stderr if args.json else sys.stdout
     samples: list[str] = []
     completions: list[str] = []

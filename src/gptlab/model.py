@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gptlab.config import ModelConfig
+from gptlab.kernels import Linear  # nn.Linear whose fp32 CPU product goes through oneDNN
 
 IGNORE_INDEX = -1  # targets equal to this contribute nothing to the loss
 
@@ -60,7 +61,15 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class KVCache:
     """Preallocated keys/values for every layer: one prefill, then one token per step.
 
-    ``pos`` is the number of positions already written; the model advances it after each forward.
+    Two ways to write it, sharing the same buffers:
+
+    - growing (``input_pos=None``): ``pos`` is the number of positions already written, the model
+      advances it after each forward, and attention sees the cache sliced to ``pos`` -- a new shape
+      every step, cheapest in eager mode;
+    - static (``input_pos``, a (T,) tensor of absolute positions): keys/values go to those rows with
+      ``index_copy_`` and attention runs over the whole buffer under a position mask, so every decode
+      step has the same shapes and no Python-int state: what ``torch.compile`` (CUDA graphs included)
+      needs to capture one step and replay it. The caller keeps ``pos`` in step.
     """
 
     def __init__(self, config: ModelConfig, batch_size: int, max_seq_len: int | None = None,
@@ -71,8 +80,14 @@ class KVCache:
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.pos = 0
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store (B, nkv, T, hs) at the current position; return all keys/values so far."""
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor,
+               input_pos: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store (B, nkv, T, hs) at the current position (or at ``input_pos``); return the keys/values
+        attention should see: the written prefix, or with ``input_pos`` the whole buffer."""
+        if input_pos is not None:
+            self.k[layer].index_copy_(2, input_pos, k)  # (B, nkv, S, hs)
+            self.v[layer].index_copy_(2, input_pos, v)
+            return self.k[layer], self.v[layer]
         T = k.size(2)
         end = self.pos + T
         if end > self.max_seq_len:
@@ -80,6 +95,11 @@ class KVCache:
         self.k[layer, :, :, self.pos:end] = k
         self.v[layer, :, :, self.pos:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def mask(self, input_pos: torch.Tensor) -> torch.Tensor:
+        """(T, S) bool: query at absolute position p sees cache rows 0..p (unwritten rows never)."""
+        rows = torch.arange(self.max_seq_len, device=input_pos.device)
+        return rows[None, :] <= input_pos[:, None]
 
     def reset(self) -> None:
         self.pos = 0
@@ -91,8 +111,8 @@ class CausalSelfAttention(nn.Module):
         self.layer_idx = layer_idx
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.kv_heads, config.head_dim
         # q, k, v projections in one matmul; k/v are narrower under grouped-query attention.
-        self.c_attn = nn.Linear(config.n_embd, (self.n_head + 2 * self.n_kv_head) * self.head_dim, bias=config.bias)
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.c_attn = Linear(config.n_embd, (self.n_head + 2 * self.n_kv_head) * self.head_dim, bias=config.bias)
+        self.c_proj = Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.c_proj.residual_proj = True  # marks the 1/sqrt(2 * n_layer) init
         if config.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.norm_eps)
@@ -102,7 +122,8 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
-                kv_cache: KVCache | None = None) -> torch.Tensor:
+                kv_cache: KVCache | None = None, input_pos: torch.Tensor | None = None,
+                static_mask: torch.Tensor | None = None) -> torch.Tensor:
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(
             [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=2)
@@ -114,9 +135,11 @@ class CausalSelfAttention(nn.Module):
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if kv_cache is not None:
-            k, v = kv_cache.update(self.layer_idx, k, v)  # (B, nkv, T_past + T, hs)
+            k, v = kv_cache.update(self.layer_idx, k, v, input_pos)  # (B, nkv, T_past + T or S, hs)
         Tk = k.size(2)
-        if Tk == T:
+        if static_mask is not None:  # static cache: the whole buffer, rows past each query masked out
+            mask, causal = static_mask, False
+        elif Tk == T:
             mask, causal = None, True
         elif T == 1:
             mask, causal = None, False  # one new query may look at every cached key
@@ -138,8 +161,8 @@ class MLP(nn.Module):
         self.kind = config.mlp
         hidden = config.hidden_dim
         # SwiGLU keeps gate and up projections in one matmul: c_fc outputs [gate; up].
-        self.c_fc = nn.Linear(config.n_embd, 2 * hidden if self.kind == "swiglu" else hidden, bias=config.bias)
-        self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
+        self.c_fc = Linear(config.n_embd, 2 * hidden if self.kind == "swiglu" else hidden, bias=config.bias)
+        self.c_proj = Linear(hidden, config.n_embd, bias=config.bias)
         self.c_proj.residual_proj = True
         self.dropout = nn.Dropout(config.dropout)
 
@@ -166,8 +189,9 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
-                kv_cache: KVCache | None = None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), rope, kv_cache)
+                kv_cache: KVCache | None = None, input_pos: torch.Tensor | None = None,
+                static_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), rope, kv_cache, input_pos, static_mask)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -190,7 +214,7 @@ class GPT(nn.Module):
             # Not persistent: derived from the config, rebuilt by init_weights() after meta-device init.
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
-        self.lm_head = nn.Linear(config.n_embd, V, bias=False)
+        self.lm_head = Linear(config.n_embd, V, bias=False)
         if config.tie_embeddings:
             # Weight tying (Press & Wolf 2016), as GPT-2: one matrix embeds and un-embeds.
             self.lm_head.weight = self.transformer.wte.weight
@@ -239,15 +263,20 @@ class GPT(nn.Module):
         return KVCache(self.config, batch_size, max_seq_len, device=p.device, dtype=dtype or p.dtype)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
-                kv_cache: KVCache | None = None, last_only: bool = False
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+                kv_cache: KVCache | None = None, input_pos: torch.Tensor | None = None,
+                last_only: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits (B, T, vocab_size) and, with ``targets`` (B, T), the mean cross-entropy.
 
-        ``kv_cache``: positions continue from ``kv_cache.pos`` and the cache advances by T.
+        ``kv_cache``: positions continue from ``kv_cache.pos`` and the cache advances by T; or, with
+        ``input_pos`` (T,) absolute positions, the static-shape path (see :class:`KVCache`), which
+        leaves ``kv_cache.pos`` to the caller.
         ``last_only``: logits of the last position only (B, 1, vocab_size), for sampling.
         """
         B, T = idx.size()
-        pos0 = kv_cache.pos if kv_cache is not None else 0
+        static = input_pos is not None
+        if static and kv_cache is None:
+            raise ValueError("input_pos needs a kv_cache")
+        pos0 = kv_cache.pos if kv_cache is not None and not static else 0
         if pos0 + T > self.config.block_size:
             raise ValueError(f"sequence of {pos0 + T} tokens exceeds the context window "
                              f"(block_size={self.config.block_size})")
@@ -256,14 +285,18 @@ class GPT(nn.Module):
         if self.config.pos_emb == "learned":
             # Positions are contiguous, so a slice of the table is the lookup: no index tensor, and its
             # backward is a strided add instead of an index scatter (same values, fewer kernels).
-            x = x + self.transformer.wpe.weight[pos0:pos0 + T]  # (T, C) broadcasts over B
+            pos_emb = self.transformer.wpe(input_pos) if static else self.transformer.wpe.weight[pos0:pos0 + T]
+            x = x + pos_emb  # (T, C) broadcasts over B
+        elif static:
+            rope = (self.rope_cos[input_pos], self.rope_sin[input_pos])  # (T, hs) each
         else:
             rope = (self.rope_cos[pos0:pos0 + T], self.rope_sin[pos0:pos0 + T])  # (T, hs) each
         x = self.transformer.drop(x)
+        static_mask = kv_cache.mask(input_pos) if static else None  # (T, S)
         for block in self.transformer.h:
-            x = block(x, rope, kv_cache)
+            x = block(x, rope, kv_cache, input_pos, static_mask)
         x = self.transformer.ln_f(x)
-        if kv_cache is not None:
+        if kv_cache is not None and not static:
             kv_cache.pos += T
         if targets is None and last_only:
             x = x[:, -1:, :]  # (B, 1, C): sampling needs one position
