@@ -18,6 +18,12 @@ from gptlab.model import GPT
 needs_onednn = pytest.mark.skipif(not kernels.ONEDNN, reason="oneDNN linear not available in this torch build")
 
 
+@pytest.fixture
+def any_size(monkeypatch):
+    """Send every product, however small, through oneDNN (the tests' shapes are under MIN_MACS)."""
+    monkeypatch.setattr(kernels, "MIN_MACS", 0)
+
+
 def _grads(fn, x, w, b, g):
     for t in (x, w, b):
         if t is not None:
@@ -30,7 +36,7 @@ def _grads(fn, x, w, b, g):
 @needs_onednn
 @pytest.mark.parametrize("shape", [(7, 16), (3, 5, 16), (2, 3, 4, 16)])
 @pytest.mark.parametrize("bias", [True, False])
-def test_forward_and_gradients_equal_f_linear(shape, bias):
+def test_forward_and_gradients_equal_f_linear(shape, bias, any_size):
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(shape, generator=gen, requires_grad=True)
     w = torch.randn(24, 16, generator=gen, requires_grad=True)
@@ -49,7 +55,7 @@ def test_forward_and_gradients_equal_f_linear(shape, bias):
 
 
 @needs_onednn
-def test_strided_input_no_grad_and_in_place_after():
+def test_strided_input_no_grad_and_in_place_after(any_size):
     x = torch.randn(5, 4, 16).transpose(0, 1)  # non-contiguous (4, 5, 16)
     w = torch.randn(8, 16)
     with torch.no_grad():
@@ -72,6 +78,16 @@ def test_falls_back_to_f_linear_for_other_dtypes_and_autocast():
     assert not kernels._use_onednn(xf.to(torch.float64), wf.to(torch.float64))
 
 
+def test_small_products_stay_on_f_linear():
+    """Under MIN_MACS multiply-adds oneDNN's fixed call cost loses: the result is F.linear's, bit for bit."""
+    x, w = torch.randn(1, 128, requires_grad=True), torch.randn(384, 128, requires_grad=True)
+    assert x.numel() * w.size(0) < kernels.MIN_MACS
+    assert torch.equal(linear(x, w), F.linear(x, w))
+    assert "OneDNN" not in type(linear(x, w).grad_fn).__name__
+    big = torch.randn(64, 768)
+    assert kernels._use_onednn(big, torch.randn(768, 768)) == kernels.ONEDNN
+
+
 def test_environment_switch_turns_it_off():
     code = "from gptlab import kernels; print(kernels.ONEDNN)"
     env = dict(os.environ, GPTLAB_ONEDNN="0")
@@ -88,7 +104,7 @@ def test_linear_module_keeps_nn_linear_parameters():
 
 
 @needs_onednn
-def test_training_steps_match_the_f_linear_model(monkeypatch):
+def test_training_steps_match_the_f_linear_model(monkeypatch, any_size):
     """Ten AdamW steps of a padded-vocab model with and without oneDNN: the same losses to fp32 rounding."""
     cfg = ModelConfig.from_preset("tiny", vocab_size=97, pad_vocab_multiple=64, bias=True)
     x = torch.randint(0, 97, (4, 17), generator=torch.Generator().manual_seed(0))

@@ -42,6 +42,11 @@ def make_norm(config: ModelConfig, dim: int | None = None) -> nn.Module:
     return nn.LayerNorm(dim, eps=config.norm_eps, bias=config.bias)
 
 
+def make_dropout(p: float) -> nn.Module:
+    # p=0 (every recipe but fine-tuning ones) gets Identity: same output, no per-call cost in decoding.
+    return nn.Dropout(p) if p > 0 else nn.Identity()
+
+
 def rope_cos_sin(seq_len: int, head_dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin tables (seq_len, head_dim) in Llama's "rotate half" layout, computed in fp32."""
     inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
@@ -119,7 +124,7 @@ class CausalSelfAttention(nn.Module):
             self.k_norm = RMSNorm(self.head_dim, config.norm_eps)
         self.qk_norm = config.qk_norm
         self.dropout = config.dropout
-        self.resid_dropout = nn.Dropout(config.dropout)
+        self.resid_dropout = make_dropout(config.dropout)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
                 kv_cache: KVCache | None = None, input_pos: torch.Tensor | None = None,
@@ -164,7 +169,7 @@ class MLP(nn.Module):
         self.c_fc = Linear(config.n_embd, 2 * hidden if self.kind == "swiglu" else hidden, bias=config.bias)
         self.c_proj = Linear(hidden, config.n_embd, bias=config.bias)
         self.c_proj.residual_proj = True
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = make_dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.c_fc(x)
@@ -203,7 +208,7 @@ class GPT(nn.Module):
         V = config.padded_vocab_size
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(V, config.n_embd),
-            drop=nn.Dropout(config.dropout),
+            drop=make_dropout(config.dropout),
             h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
             ln_f=make_norm(config),
         ))
