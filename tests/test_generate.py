@@ -156,6 +156,9 @@ def test_compiled_static_decode_step_matches_eager_and_never_recompiles():
     with torch._dynamo.config.patch(error_on_recompile=True):
         again = generate(model, prompt2, 20, temperature=0.0, static_cache=True, decode_fn=step)
     assert torch.equal(again, generate(model, prompt2, 20, temperature=0.0))
+    # One cache per (batch, length), reused: on CUDA its address is baked into the captured graph.
+    assert step.new_kv_cache(model, 2, 25) is step.new_kv_cache(model, 2, 25)
+    assert step.mode == "default"
     torch._dynamo.reset()
 
 

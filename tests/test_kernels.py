@@ -22,6 +22,7 @@ needs_onednn = pytest.mark.skipif(not kernels.ONEDNN, reason="oneDNN linear not 
 def any_size(monkeypatch):
     """Send every product, however small, through oneDNN (the tests' shapes are under MIN_MACS)."""
     monkeypatch.setattr(kernels, "MIN_MACS", 0)
+    monkeypatch.setattr(kernels, "MIN_WEIGHT", 0)
 
 
 def _grads(fn, x, w, b, g):
@@ -79,13 +80,15 @@ def test_falls_back_to_f_linear_for_other_dtypes_and_autocast():
 
 
 def test_small_products_stay_on_f_linear():
-    """Under MIN_MACS multiply-adds oneDNN's fixed call cost loses: the result is F.linear's, bit for bit."""
+    """Small, cache-resident products (under MIN_MACS and MIN_WEIGHT) stay on F.linear, bit for bit."""
     x, w = torch.randn(1, 128, requires_grad=True), torch.randn(384, 128, requires_grad=True)
-    assert x.numel() * w.size(0) < kernels.MIN_MACS
+    assert x.numel() * w.size(0) < kernels.MIN_MACS and w.numel() < kernels.MIN_WEIGHT
     assert torch.equal(linear(x, w), F.linear(x, w))
     assert "OneDNN" not in type(linear(x, w).grad_fn).__name__
     big = torch.randn(64, 768)
-    assert kernels._use_onednn(big, torch.randn(768, 768)) == kernels.ONEDNN
+    assert kernels._use_onednn(big, torch.randn(768, 768)) == kernels.ONEDNN  # many multiply-adds
+    one = torch.randn(1, 768)
+    assert kernels._use_onednn(one, torch.randn(768, 768)) == kernels.ONEDNN  # a weight streamed from memory
 
 
 def test_environment_switch_turns_it_off():

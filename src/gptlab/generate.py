@@ -17,7 +17,7 @@ import json
 import sys
 import time
 import warnings
-from typing import Callable, Iterator
+from typing import Iterator
 
 import torch
 
@@ -73,28 +73,50 @@ def decode_one_token(model, x: torch.Tensor, kv_cache=None, input_pos: torch.Ten
     return sample(logits, **sampling)
 
 
-def compiled_decode_fn(model, mode: str | None = None) -> Callable[..., torch.Tensor]:
+class CompiledDecoder:
     """A ``decode_fn`` for :func:`stream_generate` with ``static_cache=True``: the one-token forward
     compiled once with fixed shapes (``fullgraph``, no dynamic dims), sampling left eager.
 
     ``mode`` defaults to ``"reduce-overhead"`` on CUDA -- the step is captured as a CUDA graph and
     replayed, which removes the per-kernel launch cost that dominates batch-1 decoding of small
-    models -- and to inductor's default elsewhere.
+    models -- and to inductor's default elsewhere. It also hands out the KV caches
+    (:meth:`new_kv_cache`): one per (batch, length), reused across ``generate`` calls, because a CUDA
+    graph bakes in the cache's address (``mark_static_address``) and a fresh buffer would recompile.
     """
-    device = next(model.parameters()).device
-    if mode is None:
-        mode = "reduce-overhead" if device.type == "cuda" else "default"
-    fwd = torch.compile(model, mode=mode, fullgraph=True, dynamic=False)
 
-    def step(_model, x: torch.Tensor, kv_cache, input_pos: torch.Tensor | None = None,
-             **sampling) -> torch.Tensor:
+    def __init__(self, model, mode: str | None = None) -> None:
+        self.device = next(model.parameters()).device
+        self.mode = mode or ("reduce-overhead" if self.device.type == "cuda" else "default")
+        self.fwd = torch.compile(model, mode=self.mode, fullgraph=True, dynamic=False)
+        self._caches: dict[tuple[int, int, torch.dtype], object] = {}
+
+    def new_kv_cache(self, model, batch_size: int, max_seq_len: int):
+        dtype = next(model.parameters()).dtype
+        key = (batch_size, max_seq_len, dtype)
+        cache = self._caches.get(key)
+        if cache is None:
+            cache = model.new_kv_cache(batch_size, max_seq_len=max_seq_len)
+            if self.device.type == "cuda":
+                from torch._dynamo import mark_static_address
+
+                mark_static_address(cache.k)
+                mark_static_address(cache.v)
+            self._caches[key] = cache
+        cache.reset()  # rows past the position are masked out, so old contents never show
+        return cache
+
+    def __call__(self, model, x: torch.Tensor, kv_cache, input_pos: torch.Tensor | None = None,
+                 **sampling) -> torch.Tensor:
         if input_pos is None:  # growing-cache and no-cache steps change shape: keep them eager
-            return decode_one_token(_model, x, kv_cache, **sampling)
-        logits, _ = fwd(x, kv_cache=kv_cache, input_pos=input_pos, last_only=True)
+            return decode_one_token(model, x, kv_cache, **sampling)
+        logits, _ = self.fwd(x, kv_cache=kv_cache, input_pos=input_pos, last_only=True)
         # Sample before the next replay: a CUDA-graph output is overwritten by the next call.
         return sample(logits, **sampling)
 
-    return step
+
+def compiled_decode_fn(model, mode: str | None = None) -> CompiledDecoder:
+    """The decode step ``gptlab sample --compile`` and ``gptlab bench generate --compile`` use."""
+    return CompiledDecoder(model, mode)
 
 
 @torch.no_grad()
@@ -127,16 +149,12 @@ def stream_generate(model, idx: torch.Tensor, max_new_tokens: int, *, temperatur
         done = torch.zeros(B, dtype=torch.bool, device=idx.device)
         cache = pos = None
         if use_kv_cache:
-            cache = model.new_kv_cache(B, max_seq_len=min(W, idx.size(1) + max_new_tokens))
+            S = min(W, idx.size(1) + max_new_tokens)
+            make_cache = getattr(step, "new_kv_cache", None)
+            cache = make_cache(model, B, S) if static_cache and make_cache else model.new_kv_cache(B, max_seq_len=S)
             if static_cache:
-                # The position lives on the device and is bumped in place: no host-to-device copy per
-                # step, and a CUDA graph replays with the buffers it captured.
+                # The position lives on the device and is bumped in place: no host-to-device copy per step.
                 pos = torch.zeros(1, dtype=torch.long, device=idx.device)
-                if idx.device.type == "cuda":
-                    from torch._dynamo import mark_static_address
-
-                    mark_static_address(cache.k)
-                    mark_static_address(cache.v)
         for i in range(max_new_tokens):
             if cache is None:
                 nxt = step(model, seq[:, -W:], None, **sampling)

@@ -68,15 +68,20 @@ class _OneDNNLinear(torch.autograd.Function):
         return gx, gw, gb
 
 
-# A oneDNN call costs ~12 us more than MKL's before any arithmetic (primitive lookup), so products under
-# about this many multiply-adds (rows x out x in) stay on F.linear: a one-token step of a 128-wide model
-# would be 2x slower otherwise. Measured crossover on the benchmark machine: 0.6M-1.5M.
+# A oneDNN call costs ~12 us more than MKL's before any arithmetic (primitive lookup). That loses on
+# products that are both small and cache-resident -- a one-token step of a 128-wide model ran 2x slower --
+# so oneDNN takes a product only when it has at least MIN_MACS multiply-adds (rows x out x in; measured
+# crossover 0.6M-1.5M with hot caches) or a weight of at least MIN_WEIGHT elements (512 KB in fp32),
+# which a decode step streams from memory, where oneDNN's ~1.8x faster matrix-vector product wins back the
+# fixed cost (a 256-wide GPT-2-shaped model decodes 1.5x faster with its 196K-element weights on oneDNN).
 MIN_MACS = 1_500_000
+MIN_WEIGHT = 131_072
 
 
 def _use_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
     # Cheapest tests first: a decode step asks this ~100 times per token.
-    return (ONEDNN and x.numel() * weight.size(0) >= MIN_MACS and x.device.type == "cpu"
+    return (ONEDNN and (weight.numel() >= MIN_WEIGHT or x.numel() * weight.size(0) >= MIN_MACS)
+            and x.device.type == "cpu"
             and x.dtype == torch.float32 and weight.dtype == torch.float32 and x.dim() >= 2
             and not torch.compiler.is_compiling() and not torch.is_autocast_enabled("cpu"))
 
