@@ -111,40 +111,30 @@ ARCHS = {
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))
-def test_kv_cache_equals_full_recompute(arch):
+@pytest.mark.parametrize("static", [False, True], ids=["growing", "static"])
+def test_kv_cache_equals_full_recompute(arch, static):
+    """Prefill, a chunk, then one token per step, through the growing cache or the static-shape path
+    (positions as a tensor, the whole buffer under a mask: longer than used, so unwritten rows must stay
+    invisible)."""
     torch.manual_seed(0)
     m = GPT(ModelConfig.from_preset("tiny", **ARCHS[arch])).eval()
     x = torch.randint(0, 256, (3, 24))
     with torch.no_grad():
         full, _ = m(x)
-        cache = m.new_kv_cache(3)
-        parts = [m(x[:, :9], kv_cache=cache)[0], m(x[:, 9:14], kv_cache=cache)[0]]  # prefill, then a chunk
-        for t in range(14, 24):
-            parts.append(m(x[:, t:t + 1], kv_cache=cache)[0])  # one token per step
+        cache = m.new_kv_cache(3, max_seq_len=32 if static else None)
+
+        def run(lo: int, hi: int) -> torch.Tensor:
+            pos = {"input_pos": torch.arange(lo, hi)} if static else {}
+            return m(x[:, lo:hi], kv_cache=cache, **pos)[0]
+
+        parts = [run(0, 9), run(9, 14)] + [run(t, t + 1) for t in range(14, 24)]
         last, _ = m(x, last_only=True)
-    assert cache.pos == 24
+    assert cache.pos == (0 if static else 24)  # the static path leaves the position to the caller
     torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(last[:, 0], full[:, -1])
-
-
-@pytest.mark.parametrize("arch", list(ARCHS))
-def test_static_kv_cache_equals_full_recompute(arch):
-    """The static-shape path (positions as a tensor, whole buffer under a mask) gives the same logits."""
-    torch.manual_seed(0)
-    m = GPT(ModelConfig.from_preset("tiny", **ARCHS[arch])).eval()
-    x = torch.randint(0, 256, (3, 24))
-    with torch.no_grad():
-        full, _ = m(x)
-        cache = m.new_kv_cache(3, max_seq_len=32)  # longer than used: unwritten rows must stay invisible
-        parts = [m(x[:, :9], kv_cache=cache, input_pos=torch.arange(9))[0],
-                 m(x[:, 9:14], kv_cache=cache, input_pos=torch.arange(9, 14))[0]]
-        for t in range(14, 24):
-            parts.append(m(x[:, t:t + 1], kv_cache=cache, input_pos=torch.tensor([t]))[0])
-    assert cache.pos == 0  # the static path leaves the position to the caller
-    assert cache.k.shape[3] == 32
-    torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=1e-5)
-    with pytest.raises(ValueError, match="input_pos needs a kv_cache"):
-        m(x[:, :1], input_pos=torch.tensor([0]))
+    if static:
+        with pytest.raises(ValueError, match="input_pos needs a kv_cache"):
+            m(x[:, :1], input_pos=torch.tensor([0]))
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))
