@@ -315,4 +315,5 @@ class GPT(nn.Module):
                 logits[..., V:] = float("-inf")
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
                                    ignore_index=IGNORE_INDEX)
-        return logits[..., :V], loss
+        # Slice only when padded: a view as the module's output makes FSDP2 warn about in-place use.
+        return (logits[..., :V] if logits.size(-1) != V else logits), loss
