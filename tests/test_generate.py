@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from gptlab.config import MODERN_ARCH, ModelConfig
-from gptlab.generate import (TextStreamer, compiled_decode_fn, generate, logits_to_probs, sample,
+from gptlab.generate import (CompiledDecoder, TextStreamer, generate, logits_to_probs, sample,
                              stream_generate)
 from gptlab.model import GPT
 
@@ -135,7 +135,7 @@ def test_compiled_static_decode_step_matches_eager_and_never_recompiles():
     model = _model(block_size=32)
     idx = _prompt(batch=2, n=5)
     eager = generate(model, idx, 20, temperature=0.0)
-    step = compiled_decode_fn(model)
+    step = CompiledDecoder(model)
     first = generate(model, idx, 20, temperature=0.0, static_cache=True, decode_fn=step)
     assert torch.equal(first, eager)
     # Same lengths again: every token must hit the graph compiled by the first call.
@@ -326,14 +326,14 @@ def test_kv_cache_equals_recomputation_on_cuda():
 
 @pytest.mark.gpu
 def test_cuda_graph_decode_step_matches_eager_on_cuda():
-    """``compiled_decode_fn`` on CUDA: mode reduce-overhead (a CUDA graph per step), bf16 weights."""
+    """``CompiledDecoder`` on CUDA: mode reduce-overhead (a CUDA graph per step), bf16 weights."""
     import torch._dynamo
 
     torch._dynamo.reset()
     model = _model(block_size=64).cuda().to(torch.bfloat16)
     idx = _prompt(batch=1).cuda()
     eager = generate(model, idx, 40, temperature=0.0)
-    step = compiled_decode_fn(model)
+    step = CompiledDecoder(model)
     for _ in range(2):  # the second call replays the recorded graph
         out = generate(model, idx, 40, temperature=0.0, static_cache=True, decode_fn=step)
     assert out.device.type == "cuda"

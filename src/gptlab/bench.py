@@ -392,9 +392,9 @@ def bench_generate(model: str = "gpt2", *, batch: int = 1, prompt_tokens: int = 
     N = new_tokens
     kwargs: dict[str, Any] = {}
     if compile:  # as ``gptlab sample --compile``: one compiled step over a static-shape cache
-        from gptlab.generate import compiled_decode_fn
+        from gptlab.generate import CompiledDecoder
 
-        kwargs["decode_fn"] = compiled_decode_fn(net)
+        kwargs["decode_fn"] = CompiledDecoder(net)
         kwargs["static_cache"] = True
 
     out_extra: dict[str, Any] = {}

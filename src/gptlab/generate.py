@@ -66,10 +66,7 @@ def decode_one_token(model, x: torch.Tensor, kv_cache=None, input_pos: torch.Ten
                      **sampling) -> torch.Tensor:
     """Run ``x`` (B, T) through ``model`` (advancing ``kv_cache`` if given, or writing it at
     ``input_pos`` on the static path) and sample the next ids (B, 1)."""
-    if input_pos is None:
-        logits, _ = model(x, kv_cache=kv_cache, last_only=True)  # (B, 1, V)
-    else:
-        logits, _ = model(x, kv_cache=kv_cache, input_pos=input_pos, last_only=True)
+    logits, _ = model(x, kv_cache=kv_cache, input_pos=input_pos, last_only=True)  # (B, 1, V)
     return sample(logits, **sampling)
 
 
@@ -107,16 +104,9 @@ class CompiledDecoder:
 
     def __call__(self, model, x: torch.Tensor, kv_cache, input_pos: torch.Tensor | None = None,
                  **sampling) -> torch.Tensor:
-        if input_pos is None:  # growing-cache and no-cache steps change shape: keep them eager
-            return decode_one_token(model, x, kv_cache, **sampling)
-        logits, _ = self.fwd(x, kv_cache=kv_cache, input_pos=input_pos, last_only=True)
-        # Sample before the next replay: a CUDA-graph output is overwritten by the next call.
-        return sample(logits, **sampling)
-
-
-def compiled_decode_fn(model, mode: str | None = None) -> CompiledDecoder:
-    """The decode step ``gptlab sample --compile`` and ``gptlab bench generate --compile`` use."""
-    return CompiledDecoder(model, mode)
+        # Growing-cache and no-cache steps change shape: they stay eager. Sampling happens inside
+        # decode_one_token, before the next replay overwrites a CUDA-graph output.
+        return decode_one_token(model if input_pos is None else self.fwd, x, kv_cache, input_pos, **sampling)
 
 
 @torch.no_grad()
@@ -131,7 +121,7 @@ def stream_generate(model, idx: torch.Tensor, max_new_tokens: int, *, temperatur
     yielding ``stop_id``). ``decode_fn`` replaces :func:`decode_one_token` for the one-token cached
     steps and the uncached loop (e.g. a compiled one); (re)fills of the cache always run eagerly.
     ``static_cache``: one-token steps take the static-shape path of :class:`~gptlab.model.KVCache`
-    (positions as a tensor, the whole buffer under a mask), which :func:`compiled_decode_fn` needs.
+    (positions as a tensor, the whole buffer under a mask), which :class:`CompiledDecoder` needs.
     """
     if idx.dim() != 2 or idx.size(1) == 0:
         raise GptlabError("generate: idx must be a non-empty (batch, tokens) tensor; give at least one prompt token")
@@ -264,7 +254,7 @@ def cli_sample(args) -> int:
     text = read_prompt(args.prompt)
     prompt_ids = _encode_prompt(tokenizer, text)
     gen = torch.Generator(device=device).manual_seed(args.seed)
-    decode_fn = compiled_decode_fn(model) if args.compile and not args.no_kv_cache else None
+    decode_fn = CompiledDecoder(model) if args.compile and not args.no_kv_cache else None
     kw = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, generator=gen,
               use_kv_cache=not args.no_kv_cache, stop_id=None, decode_fn=decode_fn,
               static_cache=decode_fn is not None)
