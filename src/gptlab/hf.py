@@ -541,22 +541,3 @@ def from_hf_model(hf_model, device: torch.device | str | None = None):
     state = from_hf_state_dict(hf_model.state_dict(), config, where=type(hf_model).__name__)
     p = next(hf_model.parameters())
     return build_model(config, state, device or p.device, p.dtype)
-
-
-def cli_export(args) -> int:
-    """``gptlab export --init SRC --out DIR [--overwrite] [--json]``."""
-    import sys
-
-    from gptlab.loading import load_model
-
-    model, tokenizer = load_model(args.init, device="cpu")
-    summary = export_hf(model, tokenizer, args.out, overwrite=getattr(args, "overwrite", False))
-    if tokenizer is None:
-        print(f"gptlab export: note: {args.init} has no tokenizer; only the weights were exported",
-              file=sys.stderr)
-    if getattr(args, "json", False):
-        print(json.dumps(summary))
-    else:
-        print(f"wrote {summary['architecture']} ({summary['params']:,} parameters) to {summary['out']}",
-              file=sys.stderr)
-    return 0

@@ -268,14 +268,3 @@ def plot_runs(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike, *, 
          "min_val_loss": min(r.val.values) if r.val.values else None,
          "max_acc_norm": max(r.hellaswag.values) if r.hellaswag.values else None}
         for r, name in zip(runs, names)]}
-
-
-def cli_plot(args: argparse.Namespace) -> int:
-    """``gptlab plot RUN_DIR [RUN_DIR ...] --out curves.png [--x step|tokens] [--log] [--smooth A]``."""
-    summary = plot_runs(args.runs, args.out, x=args.x, log=args.log, smooth=args.smooth,
-                        title=getattr(args, "title", None))
-    if getattr(args, "json", False):
-        print(json.dumps(summary))
-    else:
-        print(f"wrote {summary['out']} ({len(summary['runs'])} run(s))")
-    return 0

@@ -765,18 +765,3 @@ def run_loop(tr: Trainer, t_start: float) -> dict[str, Any]:
     if stopped:
         gdist.print0(f"stopped ({stopped}) after step {tr.step}; resume with --resume auto")
     return summary
-
-
-# --------------------------------------------------------------------------- CLI
-
-
-def cli_train(args: argparse.Namespace) -> int:
-    """``gptlab train``: resolve the config (defaults < --config < flags < --section.key=value), train."""
-    flags = {k: getattr(args, k, None) for k in TRAIN_FLAGS}
-    cfg = resolve_train_config(args.config, flags, getattr(args, "overrides", []))
-    summary = train(cfg)
-    if gdist.env_info().is_main:
-        print(json.dumps(summary) if getattr(args, "json", False) else
-              f"done: {summary['steps']} steps, final loss {summary['final_loss']}, val loss {summary['val_loss']}"
-              f", run dir {summary['run_dir']}", file=sys.stdout if getattr(args, "json", False) else sys.stderr)
-    return 0

@@ -342,37 +342,3 @@ def prepare_dataset(name: str, *, input: str | os.PathLike | None = None, out: s
             "eot_id": tok.eot_id, "val_rule": rule, "documents": ndocs, "splits": splits,
             "seconds": round(seconds, 4), "tokens_per_s": round(total / max(seconds, 1e-9), 1), "workers": workers,
             "warnings": warnings}
-
-
-def _n(k: int, word: str) -> str:
-    return f"{k} {word}{'' if k == 1 else 's'}"
-
-
-def cli_prepare(args: argparse.Namespace) -> int:
-    """``gptlab prepare NAME [...]`` / ``gptlab prepare --verify DIR``."""
-    as_json = getattr(args, "json", False)
-    if getattr(args, "verify", None):
-        if args.name:
-            raise PrepareError(f"--verify checks an existing directory: drop the dataset name {args.name!r}")
-        res = S.verify_dataset(args.verify)
-        if as_json:
-            print(json.dumps(res))
-        else:
-            parts = ", ".join(f"{sp} {v['tokens']:,} tokens ({_n(v['shards'], 'shard')})" for sp, v in res["splits"].items())
-            print(f"OK {res['dir']}: {parts}; checked {', '.join(res['checked'])}")
-        return 0
-    if not args.name:
-        raise PrepareError(f"name a dataset ({', '.join(sources.DATASETS)}) or pass --verify DIR")
-    res = prepare_dataset(args.name, input=args.input, out=args.out, workers=args.workers,
-                          shard_tokens=args.shard_tokens, val_fraction=args.val_fraction, field=args.field,
-                          tokenizer=args.tokenizer, max_docs=args.max_docs, overwrite=args.overwrite,
-                          progress=not as_json or sys.stderr.isatty())
-    for w in res["warnings"]:
-        print(f"gptlab prepare: warning: {w}", file=sys.stderr)
-    if as_json:
-        print(json.dumps(res))
-    else:
-        parts = ", ".join(f"{sp} {v['tokens']:,} tokens ({_n(len(v['shards']), 'shard')})" for sp, v in res["splits"].items())
-        print(f"prepared {res['dataset']} -> {res['out']}: {parts}; vocab {res['vocab_size']:,}; "
-              f"{res['seconds']:.1f} s, {res['tokens_per_s'] / 1e6:.2f}M tokens/s")
-    return 0

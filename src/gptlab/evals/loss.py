@@ -148,26 +148,3 @@ def evaluate_loss(model: torch.nn.Module, data_dir: str | os.PathLike, *, split:
     return {"loss": mean, "perplexity": math.exp(mean) if mean < 700 else float("inf"), "tokens": int(count),
             "windows": n_windows, "seq_len": T, "split": split, "data": str(data_dir),
             "dataset": manifest.get("dataset"), "seconds": round(time.perf_counter() - t0, 3)}
-
-
-def cli_eval_loss(args: argparse.Namespace) -> int:
-    """``gptlab eval loss --init SRC --data DIR [--tokens N] [--seq-len T] [--json]``."""
-    from gptlab.loading import load_model
-    from gptlab.runtime import resolve_device, resolve_dtype
-
-    device = resolve_device(args.device)
-    dtype = resolve_dtype(args.dtype, device)
-    from gptlab.data.shards import read_manifest
-
-    read_manifest(args.data)  # a bad --data fails before the (possibly slow) model load
-    model, tokenizer = load_model(args.init, device=device)
-    res = evaluate_loss(model, args.data, split=args.split, tokens=args.tokens, seq_len=args.seq_len,
-                        batch_size=args.batch_size, device=device, dtype=dtype, tokenizer=tokenizer,
-                        progress=not args.json)
-    res = {"task": "loss", "init": args.init, **res, "device": str(device), "dtype": str(dtype).removeprefix("torch.")}
-    if args.json:
-        print(json.dumps(res))
-    else:
-        print(f"{res['split']} loss {res['loss']:.4f} (perplexity {res['perplexity']:.2f}) over {res['tokens']:,} "
-              f"tokens ({res['windows']} windows of {res['seq_len']}) in {res['seconds']:.1f}s")
-    return 0

@@ -1,0 +1,154 @@
+"""``gptlab bench train|generate|prepare|loader``: throughput benchmarks, side by side with transformers."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from gptlab.commands import SRC_HELP, add_parser, device_arg, emit, json_arg
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="benchmarks: train, generate, prepare, loader")
+    bsub = p.add_subparsers(dest="bench_task", metavar="WHAT", required=True)
+    t = add_parser(bsub, "train", run_train, help="training step throughput, MFU, memory")
+    t.add_argument("--model", default="gpt2", help="model preset")
+    t.add_argument("--batch", type=int, default=8)
+    t.add_argument("--seq", type=int, default=None, help="sequence length (default: the preset's context)")
+    t.add_argument("--steps", type=int, default=10, help="timed steps")
+    t.add_argument("--warmup", type=int, default=3)
+    t.add_argument("--rounds", type=int, default=5, help="alternating A/B rounds the timed steps are split over")
+    t.add_argument("--dtype", default="auto")
+    t.add_argument("--compile", action="store_true")
+    t.add_argument("--vs-hf", action="store_true", help="also time transformers' GPT2LMHeadModel, alternating A/B")
+    t.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="model config overrides")
+    t.add_argument("--compile-hf", action="store_true", help="with --vs-hf: torch.compile transformers' model too")
+    t.add_argument("--threads", type=int, default=0, help="CPU threads for torch (default: torch's choice)")
+    device_arg(t)
+    json_arg(t)
+    g = add_parser(bsub, "generate", run_generate, help="decode throughput with the KV cache")
+    g.add_argument("--model", default="gpt2", help="model preset or " + SRC_HELP)
+    g.add_argument("--batch", type=int, default=1)
+    g.add_argument("--prompt-tokens", type=int, default=16)
+    g.add_argument("--new-tokens", type=int, default=128)
+    g.add_argument("--dtype", default="auto")
+    g.add_argument("--compile", action="store_true")
+    g.add_argument("--vs-hf", action="store_true", help="also time transformers' generate")
+    g.add_argument("--no-cache-baseline", action="store_true", help="also time the no-KV-cache loop")
+    g.add_argument("--rounds", type=int, default=3, help="timed generations per contender, alternating")
+    g.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="model config overrides (presets)")
+    g.add_argument("--threads", type=int, default=0, help="CPU threads for torch (default: torch's choice)")
+    device_arg(g)
+    json_arg(g)
+    pr = add_parser(bsub, "prepare", run_prepare, help="tokenization throughput for 1..N workers")
+    pr.add_argument("--input", help="text file to tokenize (default: a generated corpus)")
+    pr.add_argument("--max-workers", type=int, default=0, help="default: all cores")
+    pr.add_argument("--mb", type=float, default=20.0, help="megabytes of text to tokenize")
+    pr.add_argument("--rounds", type=int, default=2, help="timed passes per worker count, alternating")
+    json_arg(pr)
+    lo = add_parser(bsub, "loader", run_loader, help="batches/s the token loader sustains")
+    lo.add_argument("--data", help="prepared dataset directory (default: a generated one)")
+    lo.add_argument("--batch", type=int, default=64)
+    lo.add_argument("--seq", type=int, default=1024)
+    lo.add_argument("--batches", type=int, default=200)
+    lo.add_argument("--shuffle", action="store_true")
+    lo.add_argument("--threads", type=int, default=0, help="CPU threads for torch (default: torch's choice)")
+    device_arg(lo)
+    json_arg(lo)
+
+
+def _set_threads(n: int) -> None:
+    if n and n > 0:
+        import torch
+
+        torch.set_num_threads(n)
+
+
+def _fmt_train(r: dict[str, Any]) -> list[str]:
+    lines = [f"device: {r['device_name']} ({r['device']}), torch {r['torch_version']}, dtype {r['dtype']}, "
+             f"threads {r['num_threads']}, load {r['loadavg']}",
+             f"model {r['model']}: {r['n_params'] / 1e6:.2f}M params, batch {r['batch']} x seq {r['seq']}, "
+             f"compile={r['compile']}",
+             f"gptlab: {r['ms_per_step']:.2f} ms/step (mean {r['ms_per_step_mean']:.2f}), "
+             f"{r['tokens_per_s']:,.0f} tokens/s, peak memory {r['peak_memory_mb']:.0f} MB"
+             + (f", MFU {100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "")]
+    if "hf_tokens_per_s" in r:
+        lines.append(f"transformers: {r['hf_ms_per_step']:.2f} ms/step, {r['hf_tokens_per_s']:,.0f} tokens/s"
+                     + (f", MFU {100 * r['hf_mfu']:.1f}%" if r.get("hf_mfu") is not None else ""))
+        lines.append(f"speedup vs transformers: {r['speedup_vs_hf']:.2f}x")
+    return lines
+
+
+def run_train(args: argparse.Namespace) -> int:
+    """``gptlab bench train``."""
+    _set_threads(getattr(args, "threads", 0))
+    from gptlab.bench import bench_train
+
+    r = bench_train(args.model, batch=args.batch, seq=args.seq, steps=args.steps, warmup=args.warmup,
+                    rounds=getattr(args, "rounds", 5), dtype=args.dtype, compile=args.compile,
+                    compile_hf=getattr(args, "compile_hf", False), vs_hf=args.vs_hf, overrides=args.set,
+                    device=args.device, quiet=args.json)
+    emit(r, args.json, _fmt_train(r))
+    return 0
+
+
+def _fmt_generate(r: dict[str, Any]) -> list[str]:
+    lines = [f"device: {r['device_name']} ({r['device']}), torch {r['torch_version']}, dtype {r['dtype']}, "
+             f"threads {r['num_threads']}, load {r['loadavg']}",
+             f"model {r['model']} ({r['weights']}): {r['n_params'] / 1e6:.2f}M params, batch {r['batch']}, "
+             f"prompt {r['prompt_tokens']} + {r['new_tokens']} new tokens",
+             f"gptlab (KV cache): {r['tokens_per_s']:,.1f} tokens/s ({r['ms_per_token']:.2f} ms/token)"
+             + (f", {100 * r['memory_bandwidth_utilization']:.1f}% of HBM bandwidth"
+                if r.get("memory_bandwidth_utilization") is not None else "")]
+    if "hf_tokens_per_s" in r:
+        lines.append(f"transformers generate: {r['hf_tokens_per_s']:,.1f} tokens/s -> "
+                     f"{r['speedup_vs_hf']:.2f}x (greedy tokens equal: {100 * r['greedy_agreement_vs_hf']:.0f}%)")
+    if "no_cache_tokens_per_s" in r:
+        lines.append(f"no-cache loop: {r['no_cache_tokens_per_s']:,.1f} tokens/s -> {r['speedup_vs_no_cache']:.2f}x")
+    return lines
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    """``gptlab bench generate``."""
+    _set_threads(getattr(args, "threads", 0))
+    from gptlab.bench import bench_generate
+
+    r = bench_generate(args.model, batch=args.batch, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
+                       rounds=getattr(args, "rounds", 3), dtype=args.dtype, compile=args.compile,
+                       vs_hf=args.vs_hf, no_cache_baseline=args.no_cache_baseline,
+                       overrides=getattr(args, "set", None), device=args.device, quiet=args.json)
+    emit(r, args.json, _fmt_generate(r))
+    return 0
+
+
+def _fmt_env(r: dict[str, Any]) -> str:
+    return (f"device: {r['device_name']} ({r['device']}), torch {r['torch_version']}, threads {r['num_threads']}, "
+            f"load {r['loadavg']}")
+
+
+def run_prepare(args: argparse.Namespace) -> int:
+    """``gptlab bench prepare``."""
+    from gptlab.bench import bench_prepare
+
+    r = bench_prepare(input=args.input, mb=args.mb, max_workers=args.max_workers,
+                      rounds=getattr(args, "rounds", 2), quiet=args.json)
+    lines = [_fmt_env(r), f"{r['source']}: {r['documents']:,} documents, {r['chars']:,} chars -> {r['tokens']:,} "
+                          f"GPT-2 tokens"]
+    lines += [f"{row['workers']:>3} workers: {row['tokens_per_s'] / 1e6:.2f}M tokens/s ({row['speedup']:.2f}x)"
+              for row in r["per_workers"]]
+    emit(r, args.json, lines)
+    return 0
+
+
+def run_loader(args: argparse.Namespace) -> int:
+    """``gptlab bench loader``."""
+    _set_threads(getattr(args, "threads", 0))
+    from gptlab.bench import bench_loader
+
+    r = bench_loader(data=args.data, batch=args.batch, seq=args.seq, batches=args.batches, shuffle=args.shuffle,
+                     device=args.device, quiet=args.json)
+    emit(r, args.json, [_fmt_env(r), f"{r['source']}: batch {r['batch']} x seq {r['seq']}"
+                                      f"{' (shuffled)' if r['shuffle'] else ''}: {r['batches_per_s']:,.1f} batches/s, "
+                                      f"{r['tokens_per_s'] / 1e6:,.1f}M tokens/s ({r['headroom_vs_gpu_step']:.0f}x "
+                                      f"the {r['gpu_step_target_tokens_per_s']:,} tokens/s H100 step target)"])
+    return 0
