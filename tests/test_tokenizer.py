@@ -72,3 +72,13 @@ def test_load_tokenizer_errors(tmp_path):
     bad.write_text('{"type": "sentencepiece"}')
     with pytest.raises(tk.TokenizerError, match="unknown tokenizer spec"):
         tk.load_tokenizer(bad)
+
+
+def test_fingerprint_names_the_ids_not_the_object():
+    from gptlab.tokenizer import CharTokenizer, GPT2Tokenizer, fingerprint
+
+    a, b = CharTokenizer(list("abc")), CharTokenizer(list("abc"))
+    assert fingerprint(a) == fingerprint(b) == fingerprint(a.spec())
+    assert fingerprint(a) != fingerprint(CharTokenizer(list("acb")))  # same set, other ids
+    assert fingerprint(GPT2Tokenizer()) != fingerprint(a)
+    assert len(fingerprint(a)) == 64

@@ -186,6 +186,17 @@ def get_tokenizer(name: str) -> Tokenizer:
     raise TokenizerError(f"unknown tokenizer {name!r}: expected 'gpt2' (char vocabularies are built from a corpus)")
 
 
+def fingerprint(tok: Tokenizer | dict[str, Any]) -> str:
+    """The tokenizer's identity: SHA-256 of its canonical JSON spec (a char table, or the BPE's ranks' hash).
+
+    Models and datasets record it so every command that pairs them can refuse a mismatch; a spec must
+    therefore name everything that changes ids (a trained BPE puts its ranks file's sha256 in its spec).
+    """
+    spec = tok if isinstance(tok, dict) else tok.spec()
+    canon = json.dumps(spec, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(canon.encode("utf-8")).hexdigest()
+
+
 def save_tokenizer(tok: Tokenizer, path: str | os.PathLike) -> None:
     """Write ``tok``'s spec as JSON (no pickle)."""
     Path(path).write_text(json.dumps(tok.spec(), ensure_ascii=False) + "\n", encoding="utf-8")
