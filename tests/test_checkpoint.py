@@ -13,11 +13,11 @@ import pytest
 import torch
 
 from gptlab.checkpoint import (
-    COMPLETE, CheckpointError, capture_rng_state, latest_checkpoint, list_checkpoints, load_into_model,
-    load_model_from_checkpoint, load_model_state, load_training_state, prune_checkpoints, restore_rng_state,
-    save_checkpoint,
+    COMPLETE, CheckpointError, capture_rng_state, latest_checkpoint, list_checkpoints, load_model_state,
+    load_training_state, prune_checkpoints, restore_rng_state, save_checkpoint,
 )
 from gptlab.config import ModelConfig, to_dict
+from gptlab.loading import LoadError, load_checkpoint, materialize
 from gptlab.model import GPT
 
 
@@ -50,7 +50,7 @@ def test_roundtrip_model_optimizer_and_tied_weights(tmp_path, tied):
 
     with safe_open(str(path / "model.safetensors"), "pt") as f:
         assert ("lm_head.weight" in f.keys()) is (not tied)  # the tied matrix is stored once
-    loaded, tok, meta = load_model_from_checkpoint(tmp_path)
+    loaded, tok, meta = load_checkpoint(tmp_path)
     assert meta["step"] == 7 and tok is not None and tok.name == "gpt2"
     assert (loaded.lm_head.weight is loaded.transformer.wte.weight) is tied
     for k, v in model.state_dict().items():
@@ -97,15 +97,15 @@ def test_incomplete_checkpoints_do_not_exist(tmp_path):
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000001"]
     assert latest_checkpoint(tmp_path).name == "step_00000001"
     with pytest.raises(CheckpointError, match="incomplete"):
-        load_model_from_checkpoint(p2)
+        load_checkpoint(p2)
     # saving the same step again replaces the leftover
     p2b = _save(tmp_path, 2, model, opt)
     assert p2b == p2 and (p2 / COMPLETE).is_file()
     (tmp_path / "empty_run").mkdir()
     with pytest.raises(CheckpointError, match="no complete checkpoint"):
-        load_model_from_checkpoint(tmp_path / "empty_run")
+        load_checkpoint(tmp_path / "empty_run")
     with pytest.raises(CheckpointError, match="no such"):
-        load_model_from_checkpoint(tmp_path / "missing")
+        load_checkpoint(tmp_path / "missing")
 
 
 def test_kill_during_save_keeps_previous_checkpoint(tmp_path):
@@ -128,7 +128,7 @@ def test_kill_during_save_keeps_previous_checkpoint(tmp_path):
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000001"]
     leftovers = [p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith(".tmp-")]
     assert len(leftovers) == 1
-    loaded, _, meta = load_model_from_checkpoint(tmp_path)
+    loaded, _, meta = load_checkpoint(tmp_path)
     assert meta["step"] == 1
     assert torch.equal(loaded.transformer.wte.weight, model.transformer.wte.weight)
     prune_checkpoints(tmp_path, keep_last=2, keep_best=False)
@@ -149,11 +149,13 @@ def test_prune_keeps_last_k_and_best(tmp_path):
     assert len(list_checkpoints(tmp_path)) == 1
 
 
-def test_load_into_model_rejects_mismatched_weights(tmp_path):
+def test_materialize_rejects_mismatched_weights(tmp_path):
     model, opt = _trained_model_and_optimizer(ModelConfig.from_preset("tiny"))
     path = _save(tmp_path, 1, model, opt)
-    other = GPT(ModelConfig.from_preset("tiny", n_layer=3))
-    with pytest.raises(CheckpointError, match="do not match"):
-        load_into_model(other, load_model_state(path))
+    with pytest.raises(LoadError, match=r"do not match the model \(missing \['transformer\.h\.2\."):
+        materialize(ModelConfig.from_preset("tiny", n_layer=3), load_model_state(path))
+    with pytest.raises(LoadError, match=r"shape mismatch for transformer\.h\.0\.attn\.c_attn\.bias \(192,\) "
+                                        r"\(expected \(288,\)\)"):
+        materialize(ModelConfig.from_preset("tiny", n_embd=96), load_model_state(path))
     meta = json.loads((path / "meta.json").read_text())
     assert meta["step"] == 1 and "saved_at" in meta

@@ -10,6 +10,8 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from gptlab import hf  # noqa: E402
+from gptlab.convert.hf_base import expected_hf_shapes  # noqa: E402
+from gptlab.loading import load_model, materialize  # noqa: E402
 from gptlab.cli import main  # noqa: E402
 from gptlab.config import MODERN_ARCH, ModelConfig  # noqa: E402
 from gptlab.errors import GptlabError  # noqa: E402
@@ -17,6 +19,7 @@ from gptlab.model import GPT  # noqa: E402
 from gptlab.tokenizer import CharTokenizer, GPT2Tokenizer  # noqa: E402
 
 V_SMALL = 96
+pytestmark = pytest.mark.filterwarnings("ignore:.*tokenizer is not GPT-2's")
 
 
 
@@ -58,7 +61,8 @@ def hf_gpt2_dir(tmp_path_factory):
 
 def test_hf_gpt2_logits_equal(hf_gpt2_dir):
     d, ref = hf_gpt2_dir
-    model, config = hf.load_hf_dir(d)
+    model, _ = load_model(d)
+    config = model.config
     assert (config.n_layer, config.n_head, config.n_embd, config.block_size, config.vocab_size) == (2, 4, 64, 64, V_SMALL)
     x = _tokens(64)
     with torch.no_grad():
@@ -75,7 +79,7 @@ def test_openai_layout_and_buffers_are_accepted(hf_gpt2_dir):
     sd["h.0.attn.bias"] = torch.tril(torch.ones(1, 1, 64, 64))
     sd["h.1.attn.masked_bias"] = torch.tensor(-1e4)
     config = hf.config_from_hf(ref.config.to_dict())
-    model = hf.build_model(config, hf.from_hf_state_dict(sd, config))
+    model = materialize(config, hf.from_hf_state_dict(sd, config))
     assert model.lm_head.weight is model.transformer.wte.weight
     x = _tokens()
     with torch.no_grad():
@@ -87,7 +91,7 @@ def test_pytorch_model_bin_loads_with_weights_only(tmp_path, hf_gpt2_dir):
     ref.config.save_pretrained(tmp_path)
     torch.save({k: v.clone() for k, v in ref.state_dict().items()}, tmp_path / "pytorch_model.bin")
     assert (tmp_path / "pytorch_model.bin").is_file() and not (tmp_path / "model.safetensors").exists()
-    model, _ = hf.load_hf_dir(tmp_path)
+    model, _ = load_model(tmp_path)
     x = _tokens()
     with torch.no_grad():
         assert (model(x)[0] - ref(x).logits).abs().max().item() <= 1e-5
@@ -97,7 +101,7 @@ def test_padded_vocab_import_fills_zero_rows(hf_gpt2_dir):
     _, ref = hf_gpt2_dir
     config = hf.config_from_hf(ref.config.to_dict())
     config = ModelConfig(**{**config.__dict__, "pad_vocab_multiple": 64})
-    model = hf.build_model(config, hf.from_hf_state_dict(ref.state_dict(), config))
+    model = materialize(config, hf.from_hf_state_dict(ref.state_dict(), config))
     assert model.transformer.wte.weight.shape[0] == 128
     assert model.transformer.wte.weight[V_SMALL:].abs().max() == 0
     x = _tokens()
@@ -116,7 +120,8 @@ def test_hf_llama_qwen3_import_logits_equal(tmp_path, model_type):
     cfg = transformers.AutoConfig.for_model(model_type, rope_theta=500.0, **kw)
     ref = _randomise(transformers.AutoModelForCausalLM.from_config(cfg))
     ref.save_pretrained(tmp_path)
-    model, config = hf.load_hf_dir(tmp_path)
+    model, _ = load_model(tmp_path)
+    config = model.config
     assert config.qk_norm == (model_type == "qwen3") and config.kv_heads == 2 and config.rope_base == 500.0
     x = _tokens(64)
     with torch.no_grad():
@@ -146,7 +151,7 @@ def test_openai_configs_map_to_presets_and_transformers_layout(name, dims):
         ref = transformers.GPT2LMHeadModel(transformers.GPT2Config(**OPENAI_GPT2_CONFIG | dict(
             n_embd=n_embd, n_head=n_head, n_layer=n_layer)))
     want = {k: v.shape for k, v in ref.state_dict().items() if k != "lm_head.weight" and not k.endswith(".attn.bias")}
-    assert hf._expected_hf_shapes(config) == want
+    assert expected_hf_shapes(config) == want
     if name == "gpt2":
         assert sum(s.numel() for s in want.values()) == 124_439_808
 
@@ -183,7 +188,6 @@ def test_export_gpt2_loads_in_transformers_with_equal_logits_and_tokenizer(tmp_p
     ("LlamaForCausalLM", dict(MODERN_ARCH, qk_norm=False, bias=True, mlp_hidden=96, rope_base=500.0)),
 ])
 def test_export_modern_equal_logits_and_round_trip(tmp_path, arch, overrides):
-    from gptlab.loading import load_model
 
     model = _gptlab(**overrides)
     tok = CharTokenizer([chr(c) for c in range(32, 32 + V_SMALL - 1)] + ["\n"])
@@ -221,7 +225,7 @@ def test_export_bias_free_and_untied_gpt2(tmp_path, overrides):
     x = _tokens(64)
     with torch.no_grad():
         assert (model(x)[0] - ref(x).logits).abs().max().item() <= 1e-5
-    back, _ = hf.load_hf_dir(tmp_path / "e")
+    back, _ = load_model(tmp_path / "e")
     assert back.config.bias and back.config.hidden_dim == model.config.hidden_dim
     with torch.no_grad():
         assert torch.equal(back(x)[0], model(x)[0])
@@ -246,7 +250,7 @@ def test_export_bias_free_and_untied_gpt2(tmp_path, overrides):
 def test_export_reimport_gpt2_identity_with_padding(tmp_path):
     model = _gptlab(pad_vocab_multiple=64)
     hf.export_hf(model, None, tmp_path / "e")
-    back, _ = hf.load_hf_dir(tmp_path / "e")
+    back, _ = load_model(tmp_path / "e")
     assert back.config.vocab_size == V_SMALL and back.config.padded_vocab_size == V_SMALL
     for k, v in model.state_dict().items():
         w = back.state_dict()[k]
@@ -314,7 +318,7 @@ def test_config_errors(tmp_path):
                            "rope_scaling": {"rope_type": "linear", "factor": 2.0}})
     (tmp_path / "config.json").write_text(json.dumps(base))
     with pytest.raises(hf.HFFormatError, match="no model.safetensors"):
-        hf.load_hf_dir(tmp_path)
+        load_model(tmp_path)
 
 
 def test_export_refuses_non_empty_dir_unless_overwrite(tmp_path):
@@ -347,7 +351,7 @@ def _assert_same_greedy(model, ref, new_tokens: int = 40) -> None:
 
 def test_greedy_continuation_matches_transformers_generate(hf_gpt2_dir):
     d, ref = hf_gpt2_dir
-    model, _ = hf.load_hf_dir(d)
+    model, _ = load_model(d)
     _assert_same_greedy(model, ref)
 
 
@@ -394,3 +398,41 @@ def test_cli_export_from_a_gptlab_run_dir(tmp_path, capsys, overrides):
     assert transformers.AutoTokenizer.from_pretrained(tmp_path / "hf").encode(text) == ids[0].tolist()
     with torch.no_grad():
         assert (model(ids)[0] - ref(ids).logits).abs().max().item() <= 1e-5
+
+
+# --------------------------------------------------------------------------- adapters
+
+
+def test_exact_gelu_exports_as_hf_gelu_with_equal_logits(tmp_path):
+    model = _gptlab(gelu="erf")
+    hf.export_hf(model, None, tmp_path / "e")
+    cfg = json.loads((tmp_path / "e" / "config.json").read_text())
+    assert cfg["activation_function"] == "gelu"
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "e").eval()
+    x = _tokens(64)
+    with torch.no_grad():
+        assert (model(x)[0] - ref(x).logits).abs().max().item() <= 1e-5
+        tanh = GPT(ModelConfig(**{**model.config.__dict__, "gelu": "tanh"}))
+        tanh.load_state_dict(model.state_dict())
+        assert (tanh(x)[0] - ref(x).logits).abs().max().item() > 1e-5  # the GELU form matters
+    with pytest.warns(UserWarning, match="without one"):
+        back, _ = load_model(tmp_path / "e")
+    assert back.config.gelu == "erf"
+
+
+def test_a_switch_the_family_cannot_hold_is_refused_by_the_round_trip():
+    """A model-defining field no adapter knows (here one added by a subclass) makes the config change on
+    the trip to config.json and back, so the export is refused instead of writing a different model."""
+    from dataclasses import dataclass
+
+    from gptlab.convert.hf_base import adapter_for_config
+
+    @dataclass
+    class WithNewSwitch(ModelConfig):
+        parallel_blocks: bool = False
+
+    cfg = WithNewSwitch(**{**ModelConfig.from_preset("tiny").__dict__, "parallel_blocks": True})
+    with pytest.raises(GptlabError, match=r"GPT2LMHeadModel would change parallel_blocks=true -> None; export refused"):
+        adapter_for_config(cfg)
+    with pytest.raises(GptlabError, match="parallel_blocks"):
+        hf.config_to_hf(cfg)

@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from gptlab.checkpoint import latest_checkpoint, list_checkpoints, load_model_from_checkpoint, load_model_state
+from gptlab.checkpoint import latest_checkpoint, list_checkpoints, load_model_state
 from gptlab.config import ConfigError, resolve_train_config
+from gptlab.loading import load_checkpoint
 from gptlab.metrics import read_metrics
 from gptlab.train import ResumeError, train
 
@@ -182,7 +183,7 @@ def test_sigkill_and_kill_during_save_resume_bit_exact(data_dir, tmp_path):
     assert r.returncode == -signal.SIGKILL
     assert [p.name for p in list_checkpoints(run2)] == ["step_00000004"]
     assert any(p.name.startswith(".tmp-step_00000008") for p in (run2 / "checkpoints").iterdir())
-    model, tok, meta = load_model_from_checkpoint(run2)
+    model, tok, meta = load_checkpoint(run2)
     assert meta["step"] == 4 and tok is not None
     r = run_cli([*base, "--out", str(run2), "--resume", "auto"])
     assert r.returncode == 0, r.stderr[-3000:]
@@ -203,7 +204,7 @@ def test_nan_loss_stops_before_the_update_and_keeps_last_checkpoint(data_dir, tm
     assert "step 6: loss is nan" in err and "Last good checkpoint: step 4" in err
     assert [p.name for p in list_checkpoints(out)] == ["step_00000004"]
     assert max(s for s, _ in train_losses(out)) == 5  # step 6 was never applied nor logged
-    model, _, meta = load_model_from_checkpoint(out)
+    model, _, meta = load_checkpoint(out)
     assert meta["step"] == 4
     assert all(torch.isfinite(p).all() for p in model.parameters())
     monkeypatch.delenv("GPTLAB_TEST_NAN_AT_STEP")
@@ -446,7 +447,7 @@ def test_hellaswag_during_training_matches_a_separate_evaluation(tmp_path, capsy
     train(cfg_for(tmp_path / "bpe", out, *small, max_steps=4))
     recs = [r for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "hellaswag"]
     assert [r["step"] for r in recs] == [2, 4] and all(r["n"] == 3 for r in recs)
-    model, tok, _ = load_model_from_checkpoint(out)
+    model, tok, _ = load_checkpoint(out)
     ref = evaluate_hellaswag(model, load_hellaswag(str(hs)), tok, device=torch.device("cpu"))
     assert (recs[-1]["acc"], recs[-1]["acc_norm"]) == (ref["acc"], ref["acc_norm"])
     capsys.readouterr()

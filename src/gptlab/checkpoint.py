@@ -237,16 +237,6 @@ def load_model_state(ckpt_dir: str | os.PathLike, device: str | torch.device = "
     return load_file(str(p), device=str(device))
 
 
-def load_into_model(model: torch.nn.Module, state: dict[str, torch.Tensor], where: str = "checkpoint") -> None:
-    """Load weights saved by :func:`save_checkpoint` (a tied head is re-tied, not loaded)."""
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = getattr(getattr(model, "config", None), "tie_embeddings", False)
-    missing = [k for k in missing if not (tied and k == "lm_head.weight")]
-    if missing or unexpected:
-        raise CheckpointError(f"{where}: weights do not match the model (missing {missing[:3]}, "
-                              f"unexpected {unexpected[:3]})")
-
-
 def load_training_state(ckpt_dir: str | os.PathLike) -> dict[str, Any]:
     """Optimizer state and RNG states of a checkpoint (both loaded with ``weights_only=True``)."""
     d = Path(ckpt_dir)
@@ -256,41 +246,3 @@ def load_training_state(ckpt_dir: str | os.PathLike) -> dict[str, Any]:
     rng = d / "rng.pt"
     out["rng"] = torch.load(rng, map_location="cpu", weights_only=True)["ranks"] if rng.is_file() else None
     return out
-
-
-def load_model_from_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu"):
-    """``(GPT, Tokenizer | None, meta)`` from a run dir (its newest complete checkpoint) or a checkpoint dir.
-
-    The model is in eval mode on ``device``; the tokenizer comes from the checkpoint's meta or the run
-    dir's ``tokenizer.json``. Raises :class:`CheckpointError` when there is no complete checkpoint.
-    """
-    from gptlab.config import ModelConfig, from_dict
-    from gptlab.model import GPT
-
-    ckpt = resolve_checkpoint(path)
-    meta = read_meta(ckpt)
-    model_cfg = meta.get("model_config")
-    if model_cfg is None:
-        raise CheckpointError(f"{ckpt / 'meta.json'}: no model_config; not a gptlab checkpoint")
-    cfg = from_dict(ModelConfig, model_cfg, "model")
-    with torch.device("meta"):
-        model = GPT(cfg)
-    model = model.to_empty(device=device)
-    model.init_weights()  # non-persistent buffers (RoPE tables); the weights are overwritten below
-    load_into_model(model, load_model_state(ckpt, device), str(ckpt))
-    if cfg.tie_embeddings:
-        model.lm_head.weight = model.transformer.wte.weight
-    model.eval()
-    tok = None
-    spec = meta.get("tokenizer")
-    run_tok = ckpt.parent.parent / "tokenizer.json"
-    try:
-        from gptlab.tokenizer import from_spec, load_tokenizer
-
-        if spec:
-            tok = from_spec(spec)
-        elif run_tok.is_file():
-            tok = load_tokenizer(run_tok)
-    except GptlabError:
-        raise
-    return model, tok, meta

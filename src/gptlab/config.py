@@ -201,6 +201,7 @@ class ModelConfig:
     norm: str = "layernorm"  # "layernorm" | "rmsnorm"
     norm_eps: float = 1e-5
     mlp: str = "gelu"  # "gelu" (tanh approximation) | "swiglu" | "relu2"
+    gelu: str = "tanh"  # GELU form of mlp="gelu": "tanh" (GPT-2, build-nanogpt, llm.c) | "erf" (exact; nanoGPT)
     mlp_hidden: int = 0  # 0: 4*n_embd for gelu/relu2, 8/3*n_embd rounded up to 64 for swiglu
     qk_norm: bool = False  # RMSNorm of queries and keys per head (as Qwen3)
     n_kv_head: int = 0  # 0: same as n_head; fewer = grouped-query attention
@@ -218,7 +219,8 @@ class ModelConfig:
             )
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
-        choices = {"pos_emb": ("learned", "rope"), "norm": ("layernorm", "rmsnorm"), "mlp": ("gelu", "swiglu", "relu2")}
+        choices = {"pos_emb": ("learned", "rope"), "norm": ("layernorm", "rmsnorm"), "mlp": ("gelu", "swiglu", "relu2"),
+                   "gelu": ("tanh", "erf")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"model.{name}={getattr(self, name)!r}: expected one of {', '.join(allowed)}")

@@ -1,13 +1,18 @@
-"""One entry point for every model source a user can type after ``--init``.
+"""One entry point for every model source a user can type after ``--init``, and the one way a
+model is built from saved weights (:func:`materialize`).
 
 Accepted forms, tried in this order:
 
 1. a gptlab run dir (has ``checkpoints/``) or checkpoint dir (has ``meta.json``) -> the newest
-   complete checkpoint, through :func:`gptlab.checkpoint.load_model_from_checkpoint`;
+   complete checkpoint;
 2. a Hugging Face model dir (``config.json`` with ``model_type`` gpt2, llama or qwen3), including
    the dirs ``gptlab export`` writes;
 3. a Hub name: ``gpt2``, ``gpt2-medium``, ``gpt2-large``, ``gpt2-xl`` (or an ``owner/name`` repo id),
    downloaded once into the huggingface_hub cache.
+
+Each form is read into a :class:`Source` (config, gptlab state dict, tokenizer); :func:`materialize`
+then builds the network on the meta device and assigns the weights, so no random init is ever
+computed for a model whose weights are about to be replaced (a 1.5B model would spend minutes on it).
 """
 
 from __future__ import annotations
@@ -15,19 +20,79 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any, Mapping
 
 import torch
 
+from gptlab.config import ModelConfig
 from gptlab.errors import GptlabError
 
 ACCEPTED = ("a Hub name (gpt2, gpt2-medium, gpt2-large, gpt2-xl), a Hugging Face model directory "
             "(config.json + model.safetensors), or a gptlab run / checkpoint directory")
 
 
+class LoadError(GptlabError):
+    """Saved weights that do not fit the model their config describes."""
+
+
+@dataclass
+class Source:
+    """A model read from disk, not yet built: its config, gptlab-named weights and tokenizer."""
+
+    config: ModelConfig
+    state: dict[str, torch.Tensor]
+    tokenizer: Any | None
+    kind: str  # "gptlab", "hf", "hub", ...
+    where: str
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def materialize(config: ModelConfig, state: Mapping[str, torch.Tensor], *, device: torch.device | str = "cpu",
+                dtype: torch.dtype | None = None, where: str = "checkpoint"):
+    """A :class:`gptlab.model.GPT` of ``config`` holding ``state`` (gptlab names; a tied head may be absent).
+
+    The network is created on the meta device and the tensors are assigned, so nothing is
+    initialised twice. ``dtype`` casts floating-point weights (None keeps what was saved). Missing or
+    unexpected keys and shape mismatches raise :class:`LoadError` naming them.
+    """
+    from gptlab.model import GPT
+
+    with torch.device("meta"):
+        model = GPT(config)
+    want = model.state_dict()
+    tied = config.tie_embeddings
+    keys = set(state) - ({"lm_head.weight"} if tied else set())
+    missing = sorted(k for k in want if k not in keys and not (tied and k == "lm_head.weight"))
+    unexpected = sorted(keys - set(want))
+    if missing or unexpected:
+        raise LoadError(f"{where}: weights do not match the model (missing {missing[:3]}, "
+                        f"unexpected {unexpected[:3]})")
+    bad = [f"{k} {tuple(state[k].shape)} (expected {tuple(want[k].shape)})" for k in keys
+           if state[k].shape != want[k].shape]
+    if bad:
+        raise LoadError(f"{where}: shape mismatch for {', '.join(sorted(bad)[:3])}")
+    device = torch.device(device)
+    tensors = {k: state[k].to(device=device, dtype=dtype if dtype is not None and state[k].is_floating_point()
+                                else state[k].dtype) for k in keys}
+    model.load_state_dict(tensors, assign=True, strict=False)
+    if tied:  # assign=True replaced wte's Parameter: re-tie
+        model.lm_head.weight = model.transformer.wte.weight
+    if config.pos_emb == "rope":  # non-persistent buffers are still on meta: rebuild them
+        from gptlab.model import rope_cos_sin
+
+        cos, sin = rope_cos_sin(config.block_size, config.head_dim, config.rope_base)
+        model.rope_cos, model.rope_sin = cos.to(device), sin.to(device)
+    return model.eval()
+
+
+# --------------------------------------------------------------------------- tokenizers
+
+
 def _hf_tokenizer(d: Path, vocab_size: int):
     """The tokenizer of an HF dir: gptlab's own spec when exported by gptlab, GPT-2 BPE when its vocab is GPT-2's."""
-    from gptlab.hf import GPTLAB_TOKENIZER_FILE
+    from gptlab.convert.hf_base import GPTLAB_TOKENIZER_FILE
     from gptlab.tokenizer import GPT2_VOCAB_SIZE, GPT2Tokenizer, gpt2_vocab_files, load_tokenizer
 
     if (d / GPTLAB_TOKENIZER_FILE).is_file():
@@ -44,8 +109,23 @@ def _hf_tokenizer(d: Path, vocab_size: int):
     elif vocab_size == GPT2_VOCAB_SIZE and not (d / "tokenizer.json").is_file():
         return GPT2Tokenizer()  # bare GPT-2-sized weights: the only vocabulary of that size gptlab knows
     warnings.warn(f"{d}: tokenizer is not GPT-2's and was not written by gptlab; loading the model without one",
-                  stacklevel=3)
+                  stacklevel=5)
     return None
+
+
+def _checkpoint_tokenizer(ckpt: Path, meta: dict[str, Any]):
+    from gptlab.tokenizer import from_spec, load_tokenizer
+
+    spec = meta.get("tokenizer")
+    run_tok = ckpt.parent.parent / "tokenizer.json"
+    if spec:
+        return from_spec(spec)
+    if run_tok.is_file():
+        return load_tokenizer(run_tok)
+    return None
+
+
+# --------------------------------------------------------------------------- sources
 
 
 def _is_gptlab_run(d: Path) -> bool:
@@ -61,33 +141,88 @@ def _is_gptlab_run(d: Path) -> bool:
     return False
 
 
-def load_model(src: str | os.PathLike, device: torch.device | str = "cpu", dtype: torch.dtype | None = None):
-    """(GPT in eval mode, Tokenizer or None) from ``src`` (see the module docstring for the accepted forms).
+def read_gptlab_checkpoint(path: str | os.PathLike) -> Source:
+    """A gptlab run dir (its newest complete checkpoint) or checkpoint dir; ``meta`` is its meta.json."""
+    from gptlab.checkpoint import CheckpointError, load_model_state, read_meta, resolve_checkpoint
+    from gptlab.config import from_dict
 
-    ``dtype`` casts the weights (e.g. ``torch.bfloat16`` for inference); None keeps the stored dtype.
-    """
-    from gptlab import hf
+    ckpt = resolve_checkpoint(path)
+    meta = read_meta(ckpt)
+    model_cfg = meta.get("model_config")
+    if model_cfg is None:
+        raise CheckpointError(f"{ckpt / 'meta.json'}: no model_config; not a gptlab checkpoint")
+    config = from_dict(ModelConfig, model_cfg, "model")
+    return Source(config, load_model_state(ckpt), _checkpoint_tokenizer(ckpt, meta), "gptlab", str(ckpt), meta)
 
-    device = torch.device(device)
+
+def read_hf(path: str | os.PathLike, kind: str = "hf") -> Source:
+    from gptlab.convert.hf_base import read_hf_dir
+
+    d = Path(path)
+    config, state = read_hf_dir(d)
+    return Source(config, state, _hf_tokenizer(d, config.vocab_size), kind, str(d))
+
+
+HUB_REPOS = {name: f"openai-community/{name}" for name in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")}
+_HUB_FILES = ["config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
+              "model-*.safetensors", "vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json",
+              "special_tokens_map.json"]
+
+
+def hub_download(name: str) -> Path:
+    """Local snapshot dir of a Hub model (cached by huggingface_hub; only the files gptlab needs)."""
+    repo = HUB_REPOS.get(name, name)
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise GptlabError(f"--init {name}: downloading needs huggingface_hub: pip install 'gptlab[hf]'") from None
+    try:
+        try:  # the cache first: no network round trip when it is already here
+            cached = Path(snapshot_download(repo, allow_patterns=_HUB_FILES, local_files_only=True))
+            if (cached / "config.json").is_file() and any(cached.glob("model*.safetensors")):
+                return cached
+        except Exception:
+            pass  # not cached (or only partly): download below
+        return Path(snapshot_download(repo, allow_patterns=_HUB_FILES))
+    except Exception as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise GptlabError(f"--init {name}: could not download {repo} from the Hugging Face Hub ({reason}); "
+                          f"connect to the internet (and unset HF_HUB_OFFLINE), or download it elsewhere and "
+                          f"pass the local directory") from None
+
+
+def read_source(src: str | os.PathLike) -> Source:
+    """Read ``src`` (see the module docstring for the accepted forms) without building the model."""
     s = str(src)
     p = Path(s).expanduser()
     if p.is_dir():
         if _is_gptlab_run(p):
-            from gptlab.checkpoint import load_model_from_checkpoint
-
-            model, tokenizer, _meta = load_model_from_checkpoint(p, device=device)
-            if dtype is not None:
-                model = model.to(dtype)
-            return model.eval(), tokenizer
+            return read_gptlab_checkpoint(p)
         if (p / "config.json").is_file():
-            model, config = hf.load_hf_dir(p, device, dtype)
-            return model, _hf_tokenizer(p, config.vocab_size)
+            return read_hf(p)
         raise GptlabError(f"--init {s}: directory has neither config.json (Hugging Face) nor checkpoints/ or "
                           f"meta.json (gptlab); expected {ACCEPTED}")
     if p.exists():
         raise GptlabError(f"--init {s}: is a file; pass its directory instead ({ACCEPTED})")
-    if s in hf.HUB_REPOS or (s.count("/") == 1 and not s.startswith((".", "/", "~"))):
-        d = hf.hub_download(s)
-        model, config = hf.load_hf_dir(d, device, dtype)
-        return model, _hf_tokenizer(d, config.vocab_size)
+    if s in HUB_REPOS or (s.count("/") == 1 and not s.startswith((".", "/", "~"))):
+        return read_hf(hub_download(s), kind="hub")
     raise GptlabError(f"--init {s}: not found; expected {ACCEPTED}")
+
+
+def load_model(src: str | os.PathLike, device: torch.device | str = "cpu", dtype: torch.dtype | None = None, *,
+               overrides: Mapping[str, Any] | None = None):
+    """(GPT in eval mode, Tokenizer or None) from ``src`` (see the module docstring for the accepted forms).
+
+    ``dtype`` casts the weights (e.g. ``torch.bfloat16`` for inference); None keeps the stored dtype.
+    ``overrides`` replaces config fields that do not change the weights' shapes (e.g. ``dropout``).
+    """
+    source = read_source(src)
+    config = replace(source.config, **overrides) if overrides else source.config
+    return materialize(config, source.state, device=device, dtype=dtype, where=source.where), source.tokenizer
+
+
+def load_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu"):
+    """``(GPT, Tokenizer | None, meta)`` from a gptlab run dir (its newest complete checkpoint) or checkpoint dir."""
+    source = read_gptlab_checkpoint(path)
+    model = materialize(source.config, source.state, device=device, where=source.where)
+    return model, source.tokenizer, source.meta

@@ -164,6 +164,7 @@ class MLP(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.kind = config.mlp
+        self.gelu_approximate = "tanh" if config.gelu == "tanh" else "none"
         hidden = config.hidden_dim
         # SwiGLU keeps gate and up projections in one matmul: c_fc outputs [gate; up].
         self.c_fc = Linear(config.n_embd, 2 * hidden if self.kind == "swiglu" else hidden, bias=config.bias)
@@ -174,7 +175,7 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.c_fc(x)
         if self.kind == "gelu":
-            h = F.gelu(h, approximate="tanh")  # GPT-2's GELU is the tanh approximation
+            h = F.gelu(h, approximate=self.gelu_approximate)  # GPT-2's is the tanh form, nanoGPT's exact
         elif self.kind == "relu2":
             h = F.relu(h).square()
         else:

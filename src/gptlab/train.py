@@ -42,7 +42,7 @@ import torch.nn as nn
 
 from gptlab import dist as gdist
 from gptlab.checkpoint import (
-    capture_rng_state, latest_checkpoint, load_into_model, load_model_state,
+    capture_rng_state, latest_checkpoint, load_model_state, read_meta,
     load_training_state, prune_checkpoints, restore_rng_state, save_checkpoint,
 )
 from gptlab.config import TRAIN_FLAGS, ConfigError, ModelConfig, TrainConfig, from_dict, resolve_train_config, to_dict
@@ -190,26 +190,25 @@ def split_tokens(manifest: dict[str, Any], split: str) -> int:
     return sum(int(s["tokens"]) for s in manifest["shards"] if s["split"] == split)
 
 
-def build_model(cfg: TrainConfig, vocab_size: int, resume_meta: dict[str, Any] | None
-                ) -> tuple[GPT, Any | None, str]:
+def build_model(cfg: TrainConfig, vocab_size: int, resume: Path | None) -> tuple[GPT, Any | None, str]:
     """The raw model (weights from the checkpoint being resumed, ``model.init``, or a seeded init),
-    the init source's tokenizer (if any) and a description of where the weights came from."""
-    init_tok = None
-    if resume_meta is not None:
-        mcfg = from_dict(ModelConfig, {**resume_meta["model_config"], "dropout": cfg.model.dropout}, "model")
-        return GPT(mcfg), None, "checkpoint"
+    the init source's tokenizer (if any) and a description of where the weights came from.
+
+    Saved weights go through :func:`gptlab.loading.materialize` (meta device, then assign): no random
+    init is computed for weights that are about to be replaced."""
+    from gptlab.loading import load_model, materialize
+
+    if resume is not None:
+        meta = read_meta(resume)
+        mcfg = from_dict(ModelConfig, {**meta["model_config"], "dropout": cfg.model.dropout}, "model")
+        return materialize(mcfg, load_model_state(resume), where=str(resume)), None, "checkpoint"
     if cfg.model.init:
-        try:
-            from gptlab.loading import load_model
-        except ImportError as e:
-            raise GptlabError(f"model.init={cfg.model.init!r} needs gptlab.loading, which failed to import: {e}")
-        src, init_tok = load_model(cfg.model.init, device="cpu")
-        mcfg = from_dict(ModelConfig, {**to_dict(src.config), "dropout": cfg.model.dropout}, "model")
-        if mcfg.vocab_size < vocab_size:
-            raise ConfigError(f"model.init={cfg.model.init!r} has {mcfg.vocab_size} tokens but the dataset uses "
-                              f"{vocab_size}: prepare the data with the model's tokenizer")
-        model = GPT(mcfg)
-        load_into_model(model, src.state_dict(), cfg.model.init)
+        # fp32 master weights whatever the source stores (llm.c's bf16 files, bf16 HF dirs).
+        model, init_tok = load_model(cfg.model.init, device="cpu", dtype=torch.float32,
+                                     overrides={"dropout": cfg.model.dropout})
+        if model.config.vocab_size < vocab_size:
+            raise ConfigError(f"model.init={cfg.model.init!r} has {model.config.vocab_size} tokens but the dataset "
+                              f"uses {vocab_size}: prepare the data with the model's tokenizer")
         return model, init_tok, f"init from {cfg.model.init}"
     if cfg.model.vocab_size and cfg.model.vocab_size < vocab_size:
         raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is below the dataset's {vocab_size} tokens: "
@@ -569,9 +568,7 @@ def _train(cfg: TrainConfig, info: gdist.DistInfo, device: torch.device) -> dict
         check_resume_compatible(cfg, state["meta"], info.world_size, ckpt)
 
     # ---- model, optimizer
-    raw, init_tok, origin = build_model(cfg, vocab_size, state["meta"] if state else None)
-    if state is not None:
-        load_into_model(raw, load_model_state(ckpt), str(ckpt))
+    raw, init_tok, origin = build_model(cfg, vocab_size, ckpt if state is not None else None)
     if init_tok is not None and init_tok.spec().get("type") != tok_spec.get("type"):
         raise ConfigError(f"model.init={cfg.model.init!r} uses the {init_tok.spec().get('type')} tokenizer but "
                           f"{data_dir} was prepared with {tok_spec.get('type')}: prepare it with --tokenizer "
