@@ -111,30 +111,35 @@ ARCHS = {
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))
-@pytest.mark.parametrize("static", [False, True], ids=["growing", "static"])
-def test_kv_cache_equals_full_recompute(arch, static):
-    """Prefill, a chunk, then one token per step, through the growing cache or the static-shape path
-    (positions as a tensor, the whole buffer under a mask: longer than used, so unwritten rows must stay
-    invisible)."""
+@pytest.mark.parametrize("sliced", [True, False], ids=["kv_len", "whole_buffer"])
+def test_kv_cache_equals_full_recompute(arch, sliced):
+    """Prefill, a chunk, then one token per step at per-row positions: attention over the written prefix
+    (``kv_len``) or over the whole buffer under the mask (longer than used, so unwritten slots must stay
+    invisible); rows at different positions in one forward too."""
     torch.manual_seed(0)
     m = GPT(ModelConfig.from_preset("tiny", **ARCHS[arch])).eval()
     x = torch.randint(0, 256, (3, 24))
     with torch.no_grad():
         full, _ = m(x)
-        cache = m.new_kv_cache(3, max_seq_len=32 if static else None)
+        cache = m.new_kv_cache(3, max_seq_len=32)
 
         def run(lo: int, hi: int) -> torch.Tensor:
-            pos = {"input_pos": torch.arange(lo, hi)} if static else {}
-            return m(x[:, lo:hi], kv_cache=cache, **pos)[0]
+            pos = torch.arange(lo, hi).expand(3, -1)
+            return m(x[:, lo:hi], kv_cache=cache, input_pos=pos, kv_len=hi if sliced else None)[0]
 
         parts = [run(0, 9), run(9, 14)] + [run(t, t + 1) for t in range(14, 24)]
         last, _ = m(x, last_only=True)
-    assert cache.pos == (0 if static else 24)  # the static path leaves the position to the caller
-    torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(last[:, 0], full[:, -1])
-    if static:
-        with pytest.raises(ValueError, match="input_pos needs a kv_cache"):
-            m(x[:, :1], input_pos=torch.tensor([0]))
+        torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(last[:, 0], full[:, -1])
+        # Rows at different positions in one step: row r re-decodes its token at position 20 - 3r; slots
+        # past that position hold later tokens of the same row, which the mask must hide.
+        pos = torch.tensor([[20], [17], [14]])
+        tok = x.gather(1, pos)
+        step, _ = m(tok, kv_cache=cache, input_pos=pos, kv_len=21 if sliced else None)
+        want = full[torch.arange(3), pos[:, 0]]
+        torch.testing.assert_close(step[:, 0], want, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="kv_cache and input_pos go together"):
+        m(x[:, :1], input_pos=torch.tensor([[0]]))
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))

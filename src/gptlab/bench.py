@@ -366,15 +366,17 @@ def decode_bytes_per_step(net: GPT, batch: int, context: float) -> float:
 
 
 def bench_generate(model: str = "gpt2", *, batch: int = 1, prompt_tokens: int = 16, new_tokens: int = 128,
-                   rounds: int = 3, dtype: str = "auto", compile: bool = False, vs_hf: bool = False,
-                   no_cache_baseline: bool = False, overrides: list[str] | dict[str, Any] | None = None,
+                   rounds: int = 3, dtype: str = "auto", compile: bool = False, quantize: str | None = None,
+                   vs_hf: bool = False, no_cache_baseline: bool = False,
+                   overrides: list[str] | dict[str, Any] | None = None,
                    device: str = "auto", seed: int = 0, quiet: bool = False) -> dict[str, Any]:
-    """Greedy decoding throughput of ``gptlab.generate.generate`` with the KV cache, optionally against
-    transformers' ``generate`` on the same weights and against the no-cache loop.
+    """Greedy decoding throughput of :class:`gptlab.engine.Engine` (KV cache, ``batch`` requests at once),
+    optionally against transformers' ``generate`` on the same (unquantized) weights and against the
+    engine's no-cache recomputation.
 
     Each round runs one full generation (prefill + ``new_tokens`` steps) per contender, in turn.
     """
-    from gptlab.generate import generate
+    from gptlab.engine import Engine, SamplingParams
 
     if batch < 1 or prompt_tokens < 1 or new_tokens < 1 or rounds < 1:
         raise GptlabError("bench generate: --batch, --prompt-tokens, --new-tokens and --rounds must be >= 1")
@@ -390,29 +392,36 @@ def bench_generate(model: str = "gpt2", *, batch: int = 1, prompt_tokens: int = 
     idx = torch.randint(0, cfg.vocab_size, (batch, prompt_tokens), generator=torch.Generator().manual_seed(seed))
     idx = idx.to(dev)
     N = new_tokens
-    kwargs: dict[str, Any] = {}
-    if compile:  # as ``gptlab sample --compile``: one compiled step over a static-shape cache
-        from gptlab.generate import CompiledDecoder
-
-        kwargs["decode_fn"] = CompiledDecoder(net)
-        kwargs["static_cache"] = True
-
     out_extra: dict[str, Any] = {}
-    def contenders(n: int) -> dict[str, Callable[[], torch.Tensor]]:
-        runs: dict[str, Callable[[], torch.Tensor]] = {
-            "gptlab": lambda: generate(net, idx, n, temperature=0.0, use_kv_cache=True, **kwargs)}
-        if vs_hf:
-            runs["hf"] = lambda: hf.generate(input_ids=idx, attention_mask=mask, do_sample=False,
-                                             min_new_tokens=n, max_new_tokens=n)
-        if no_cache_baseline:
-            runs["no_cache"] = lambda: generate(net, idx, n, temperature=0.0, use_kv_cache=False)
-        return runs
-
-    if vs_hf:
+    if vs_hf:  # the twin copies the weights before any quantization: transformers runs the original model
         hf, hf_arch = hf_twin(net)
         hf.eval()
         out_extra["hf_architecture"] = hf_arch
         mask = torch.ones_like(idx)
+    gnet = net
+    if quantize:
+        import copy
+
+        from gptlab.quantize import quantize_model
+
+        gnet = quantize_model(copy.deepcopy(net) if no_cache_baseline else net, quantize)
+    engine = Engine(gnet, None, max_batch=batch, max_queue=batch, compile=compile)
+    ref_engine = Engine(net, None, max_batch=batch, max_queue=batch, use_kv_cache=False) if no_cache_baseline else None
+    prompts = idx.tolist()
+
+    def run_engine(e: Engine, n: int) -> torch.Tensor:
+        out = e.generate(prompts, SamplingParams(max_tokens=n, temperature=0.0, ignore_eot=True))
+        return torch.cat([idx, torch.tensor([c.token_ids for c in out], device=dev)], dim=1)
+
+    def contenders(n: int) -> dict[str, Callable[[], torch.Tensor]]:
+        runs: dict[str, Callable[[], torch.Tensor]] = {"gptlab": lambda: run_engine(engine, n)}
+        if vs_hf:
+            runs["hf"] = lambda: hf.generate(input_ids=idx, attention_mask=mask, do_sample=False,
+                                             min_new_tokens=n, max_new_tokens=n)
+        if no_cache_baseline:
+            runs["no_cache"] = lambda: run_engine(ref_engine, n)
+        return runs
+
     runners = contenders(N)
     # Prefill + a few steps: allocator, lazy init. A compiled step is specialised to the cache length,
     # so its warm-up runs the full length: the timed rounds then replay what was compiled.
@@ -449,8 +458,9 @@ def bench_generate(model: str = "gpt2", *, batch: int = 1, prompt_tokens: int = 
     out: dict[str, Any] = {
         "bench": "generate", "model": model, "weights": weights, "config": json.loads(cfg.to_json()),
         "batch": batch, "prompt_tokens": prompt_tokens, "new_tokens": N, "rounds": rounds,
-        "dtype": str(dt).replace("torch.", ""), "compile": compile, "n_params": net.num_params(),
-        "timing": "one generate() call: prefill of the prompt plus new_tokens decode steps, median over rounds",
+        "dtype": str(dt).replace("torch.", ""), "compile": compile, "quantize": quantize,
+        "n_params": net.num_params(),
+        "timing": "one Engine.generate() call: prefill of the prompts plus new_tokens decode steps, median over rounds",
         **out_extra, **environment(dev),
     }
     med = {k: statistics.median(v) for k, v in times.items()}
@@ -460,7 +470,7 @@ def bench_generate(model: str = "gpt2", *, batch: int = 1, prompt_tokens: int = 
     out["peak_memory_mb"] = peak["gptlab"]
     out["peak_memory_kind"] = "cuda_max_memory_allocated" if dev.type == "cuda" else "cpu_max_rss"
     peak_bw = _lookup(PEAK_HBM_GBPS, dev)
-    bytes_step = decode_bytes_per_step(net, batch, prompt_tokens + N / 2)
+    bytes_step = decode_bytes_per_step(gnet, batch, prompt_tokens + N / 2)
     out["bytes_per_decode_step"] = bytes_step
     out["memory_bandwidth_gbps"] = bytes_step * (N / med["gptlab"]) / 1e9
     out["peak_memory_bandwidth_gbps"] = peak_bw

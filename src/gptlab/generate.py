@@ -1,23 +1,10 @@
-"""Sampling, gpt-fast style: ``logits_to_probs`` -> ``sample`` -> ``decode_one_token`` -> ``generate``.
+"""Sampling helpers, gpt-fast style: ``logits_to_probs`` -> ``sample`` -> ``forward_step`` / ``decode_one_token``.
 
-With the KV cache the prompt is run once (prefill), then each step feeds one token. Without it every
-step re-runs the last ``block_size`` tokens (nanoGPT's loop). Both see exactly the same context, so they
-produce the same tokens for greedy and seeded sampling:
-
-- a prompt longer than ``block_size`` is left-truncated to its last ``block_size`` tokens (with a
-  warning); the returned sequence still starts with the whole prompt;
-- past the window the context slides: the cache is refilled with the last ``block_size`` tokens for
-  each further token, which costs what the uncached loop costs (a full window per token).
+Generation itself (prefill, batched cached decode steps, stopping, streaming) is :mod:`gptlab.engine`'s
+job; :func:`generate` here is a thin tensor-in, tensor-out caller of it for scripts and tests.
 """
 
 from __future__ import annotations
-
-import codecs
-import json
-import sys
-import time
-import warnings
-from typing import Iterator
 
 import torch
 
@@ -62,151 +49,84 @@ def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = N
     return torch.multinomial(probs, num_samples=1, generator=generator)
 
 
-def decode_one_token(model, x: torch.Tensor, kv_cache=None, input_pos: torch.Tensor | None = None,
+def forward_step(model, x: torch.Tensor, kv_cache, input_pos: torch.Tensor, kv_len: int | None = None
+                 ) -> torch.Tensor:
+    """Run ``x`` (B, T) at positions ``input_pos`` (B, T) through ``model``, writing ``kv_cache``; the
+    logits (B, V) of the last position."""
+    logits, _ = model(x, kv_cache=kv_cache, input_pos=input_pos, kv_len=kv_len, last_only=True)  # (B, 1, V)
+    return logits[:, -1]
+
+
+def decode_one_token(model, x: torch.Tensor, kv_cache, input_pos: torch.Tensor, kv_len: int | None = None,
                      **sampling) -> torch.Tensor:
-    """Run ``x`` (B, T) through ``model`` (advancing ``kv_cache`` if given, or writing it at
-    ``input_pos`` on the static path) and sample the next ids (B, 1)."""
-    logits, _ = model(x, kv_cache=kv_cache, input_pos=input_pos, last_only=True)  # (B, 1, V)
-    return sample(logits, **sampling)
+    """One cached step with the same sampling for every row: the next ids (B, 1)."""
+    return sample(forward_step(model, x, kv_cache, input_pos, kv_len), **sampling)
 
 
 class CompiledDecoder:
-    """A ``decode_fn`` for :func:`stream_generate` with ``static_cache=True``: the one-token forward
-    compiled once with fixed shapes (``fullgraph``, no dynamic dims), sampling left eager.
+    """The one-token cached forward compiled once with fixed shapes (``fullgraph``, no dynamic dims,
+    attention over the whole cache buffer), for :class:`gptlab.engine.Engine` with ``compile=True``;
+    sampling stays eager.
 
     ``mode`` defaults to ``"reduce-overhead"`` on CUDA -- the step is captured as a CUDA graph and
-    replayed, which removes the per-kernel launch cost that dominates batch-1 decoding of small
-    models -- and to inductor's default elsewhere. It also hands out the KV caches
-    (:meth:`new_kv_cache`): one per (batch, length), reused across ``generate`` calls, because a CUDA
-    graph bakes in the cache's address (``mark_static_address``) and a fresh buffer would recompile.
+    replayed, which removes the per-kernel launch cost that dominates small-batch decoding -- and to
+    inductor's default elsewhere. A CUDA graph bakes in the cache's address, so the engine keeps one
+    cache and marks it with :meth:`prepare_cache`.
     """
 
     def __init__(self, model, mode: str | None = None) -> None:
         self.device = next(model.parameters()).device
         self.mode = mode or ("reduce-overhead" if self.device.type == "cuda" else "default")
         self.fwd = torch.compile(model, mode=self.mode, fullgraph=True, dynamic=False)
-        self._caches: dict[tuple[int, int, torch.dtype], object] = {}
 
-    def new_kv_cache(self, model, batch_size: int, max_seq_len: int):
-        dtype = next(model.parameters()).dtype
-        key = (batch_size, max_seq_len, dtype)
-        cache = self._caches.get(key)
-        if cache is None:
-            cache = model.new_kv_cache(batch_size, max_seq_len=max_seq_len)
-            if self.device.type == "cuda":
-                from torch._dynamo import mark_static_address
+    def prepare_cache(self, cache) -> None:
+        if self.device.type == "cuda":
+            from torch._dynamo import mark_static_address
 
-                mark_static_address(cache.k)
-                mark_static_address(cache.v)
-            self._caches[key] = cache
-        cache.reset()  # rows past the position are masked out, so old contents never show
-        return cache
+            mark_static_address(cache.k)
+            mark_static_address(cache.v)
 
-    def __call__(self, model, x: torch.Tensor, kv_cache, input_pos: torch.Tensor | None = None,
-                 **sampling) -> torch.Tensor:
-        # Growing-cache and no-cache steps change shape: they stay eager. Sampling happens inside
-        # decode_one_token, before the next replay overwrites a CUDA-graph output.
-        return decode_one_token(model if input_pos is None else self.fwd, x, kv_cache, input_pos, **sampling)
-
-
-@torch.no_grad()
-def stream_generate(model, idx: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
-                    top_k: int | None = None, top_p: float | None = None,
-                    generator: torch.Generator | None = None, use_kv_cache: bool = True,
-                    stop_id: int | None = None, decode_fn=None, static_cache: bool = False
-                    ) -> Iterator[torch.Tensor]:
-    """Yield the next token ids (B,) one step at a time, continuing ``idx`` (B, T).
-
-    With ``stop_id`` it stops once every row has produced it (rows that finished earlier keep
-    yielding ``stop_id``). ``decode_fn`` replaces :func:`decode_one_token` for the one-token cached
-    steps and the uncached loop (e.g. a compiled one); (re)fills of the cache always run eagerly.
-    ``static_cache``: one-token steps take the static-shape path of :class:`~gptlab.model.KVCache`
-    (positions as a tensor, the whole buffer under a mask), which :class:`CompiledDecoder` needs.
-    """
-    if idx.dim() != 2 or idx.size(1) == 0:
-        raise GptlabError("generate: idx must be a non-empty (batch, tokens) tensor; give at least one prompt token")
-    W = model.config.block_size
-    if idx.size(1) > W:
-        warnings.warn(f"prompt of {idx.size(1)} tokens is longer than the context window ({W}); "
-                      f"the model sees only its last {W} tokens", stacklevel=3)
-    step = decode_fn or decode_one_token
-    sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
-    was_training = model.training
-    model.eval()
-    try:
-        seq = idx
-        B = idx.size(0)
-        done = torch.zeros(B, dtype=torch.bool, device=idx.device)
-        cache = pos = None
-        if use_kv_cache:
-            S = min(W, idx.size(1) + max_new_tokens)
-            make_cache = getattr(step, "new_kv_cache", None)
-            cache = make_cache(model, B, S) if static_cache and make_cache else model.new_kv_cache(B, max_seq_len=S)
-            if static_cache:
-                # The position lives on the device and is bumped in place: no host-to-device copy per step.
-                pos = torch.zeros(1, dtype=torch.long, device=idx.device)
-        for i in range(max_new_tokens):
-            if cache is None:
-                nxt = step(model, seq[:, -W:], None, **sampling)
-            elif i == 0 or cache.pos >= cache.max_seq_len:
-                cache.reset()  # prefill, or the window is full: refill it with the last W tokens
-                nxt = decode_one_token(model, seq[:, -W:], cache, **sampling)
-                if pos is not None:
-                    pos.fill_(cache.pos)
-            elif pos is not None:
-                # ``nxt`` (B, 1) is the token just appended; unlike a view of ``seq`` its strides do
-                # not change with the length, so a compiled step is not re-specialised each token.
-                nxt = step(model, nxt, cache, input_pos=pos, **sampling)
-                cache.pos += 1
-                pos.add_(1)
-            else:
-                nxt = step(model, seq[:, -1:], cache, **sampling)
-            if stop_id is not None:
-                nxt = torch.where(done[:, None], torch.full_like(nxt, stop_id), nxt)
-                done |= nxt[:, 0] == stop_id
-            seq = torch.cat([seq, nxt], dim=1)
-            yield nxt[:, 0]
-            if stop_id is not None and bool(done.all()):
-                return
-    finally:
-        model.train(was_training)
+    def __call__(self, x: torch.Tensor, kv_cache, input_pos: torch.Tensor) -> torch.Tensor:
+        # Clone: the next replay of a CUDA graph overwrites its output buffer.
+        return forward_step(self.fwd, x, kv_cache, input_pos, None).clone()
 
 
 def generate(model, idx: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
-             top_k: int | None = None, top_p: float | None = None, generator: torch.Generator | None = None,
-             use_kv_cache: bool = True, stop_id: int | None = None, decode_fn=None,
-             static_cache: bool = False) -> torch.Tensor:
-    """``idx`` (B, T) followed by up to ``max_new_tokens`` sampled tokens: (B, T + new).
+             top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+             use_kv_cache: bool = True, compile: bool = False) -> torch.Tensor:
+    """``idx`` (B, T) followed by ``max_new_tokens`` sampled tokens: (B, T + new), through the engine.
 
-    Temperature 0 is greedy. Pass a seeded ``torch.Generator`` (on the model's device) for
-    reproducible sampling; see the module docstring for the context-window rules.
+    Temperature 0 is greedy. With ``seed`` row i samples with a generator seeded ``seed + i``; rows never
+    stop early (no tokenizer, so no end-of-text), and the context window must hold T + new tokens.
     """
-    new = list(stream_generate(model, idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                               generator=generator, use_kv_cache=use_kv_cache, stop_id=stop_id,
-                               decode_fn=decode_fn, static_cache=static_cache))
-    if not new:
-        return idx
-    return torch.cat([idx, torch.stack(new, dim=1)], dim=1)
+    from gptlab.engine import Engine, SamplingParams
+
+    if idx.dim() != 2 or idx.size(1) == 0:
+        raise GptlabError("generate: idx must be a non-empty (batch, tokens) tensor; give at least one prompt token")
+    W = model.config.block_size
+    if idx.size(1) + max_new_tokens > W:
+        raise GptlabError(f"generate: {idx.size(1)} prompt + {max_new_tokens} new tokens exceed the context "
+                          f"window (block_size={W})")
+    was_training = model.training
+    engine = Engine(model, None, max_batch=idx.size(0), max_queue=idx.size(0), compile=compile,
+                    use_kv_cache=use_kv_cache)
+    try:
+        reqs = [engine.submit(row, SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                                                  top_p=top_p, seed=None if seed is None else seed + i))
+                for i, row in enumerate(idx.tolist())]
+        while not all(r.done for r in reqs):
+            engine.step()
+        out = [r.result() for r in reqs]
+    finally:
+        model.train(was_training)
+    for c in out:
+        if c.error:
+            raise GptlabError(f"generate: {c.error}")
+    new = torch.tensor([c.token_ids for c in out], dtype=torch.long, device=idx.device).view(idx.size(0), -1)
+    return torch.cat([idx, new], dim=1)
 
 
 # --------------------------------------------------------------------------- CLI
-
-
-class TextStreamer:
-    """Turns token ids into text pieces, holding back incomplete UTF-8 (a BPE token can be half a character)."""
-
-    def __init__(self, tokenizer) -> None:
-        self.tok = tokenizer
-        self.bytes_fn = getattr(tokenizer, "decode_bytes", None)
-        self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-
-    def push(self, token_id: int) -> str:
-        if self.bytes_fn is None:
-            return self.tok.decode([token_id])
-        return self.utf8.decode(self.bytes_fn([token_id]))
-
-    def flush(self) -> str:
-        return "" if self.bytes_fn is None else self.utf8.decode(b"", final=True)
 
 
 def read_prompt(prompt: str) -> str:

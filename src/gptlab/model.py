@@ -64,50 +64,50 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class KVCache:
-    """Preallocated keys/values for every layer: one prefill, then one token per step.
+    """Preallocated keys/values for every layer, written at per-row positions.
 
-    Two ways to write it, sharing the same buffers:
-
-    - growing (``input_pos=None``): ``pos`` is the number of positions already written, the model
-      advances it after each forward, and attention sees the cache sliced to ``pos`` -- a new shape
-      every step, cheapest in eager mode;
-    - static (``input_pos``, a (T,) tensor of absolute positions): keys/values go to those rows with
-      ``index_copy_`` and attention runs over the whole buffer under a position mask, so every decode
-      step has the same shapes and no Python-int state: what ``torch.compile`` (CUDA graphs included)
-      needs to capture one step and replay it. The caller keeps ``pos`` in step.
+    One path for every caller: ``input_pos`` (B, T) holds each row's absolute positions, keys/values go
+    to those slots (a scatter), and attention sees the first ``kv_len`` slots under a mask that lets the
+    query at position p see slots 0..p of its own row. Rows of different lengths and progress therefore
+    decode in one forward, and a slot's stale contents past p (a longer earlier request) never show.
+    Eager callers pass ``kv_len`` = highest written position + 1 (less work); ``kv_len=None`` attends over
+    the whole buffer, so every decode step has the same shapes and no Python-int state: what
+    ``torch.compile`` (CUDA graphs included) needs to capture one step and replay it.
     """
 
     def __init__(self, config: ModelConfig, batch_size: int, max_seq_len: int | None = None,
                  device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> None:
         self.max_seq_len = max_seq_len or config.block_size
         shape = (config.n_layer, batch_size, config.kv_heads, self.max_seq_len, config.head_dim)
+        # Zeros, not empty: a masked slot still enters attention's product with weight 0, and 0 * NaN is NaN.
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.pos = 0
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor,
-               input_pos: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store (B, nkv, T, hs) at the current position (or at ``input_pos``); return the keys/values
-        attention should see: the written prefix, or with ``input_pos`` the whole buffer."""
-        if input_pos is not None:
-            self.k[layer].index_copy_(2, input_pos, k)  # (B, nkv, S, hs)
-            self.v[layer].index_copy_(2, input_pos, v)
+    @property
+    def batch_size(self) -> int:
+        return self.k.size(1)
+
+    def rows(self, start: int, stop: int) -> "KVCache":
+        """A cache over rows ``start:stop`` sharing this one's storage (e.g. to prefill one row)."""
+        view = object.__new__(KVCache)
+        view.max_seq_len = self.max_seq_len
+        view.k, view.v = self.k[:, start:stop], self.v[:, start:stop]
+        return view
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, input_pos: torch.Tensor,
+               kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store (B, nkv, T, hs) at ``input_pos`` (B, T); return the first ``kv_len`` slots (B, nkv, kv_len, hs)."""
+        index = input_pos[:, None, :, None].expand_as(k)  # (B, nkv, T, hs)
+        self.k[layer].scatter_(2, index, k)
+        self.v[layer].scatter_(2, index, v)
+        if kv_len == self.max_seq_len:
             return self.k[layer], self.v[layer]
-        T = k.size(2)
-        end = self.pos + T
-        if end > self.max_seq_len:
-            raise ValueError(f"KV cache holds {self.max_seq_len} positions; cannot write up to {end}")
-        self.k[layer, :, :, self.pos:end] = k
-        self.v[layer, :, :, self.pos:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        return self.k[layer, :, :, :kv_len], self.v[layer, :, :, :kv_len]
 
-    def mask(self, input_pos: torch.Tensor) -> torch.Tensor:
-        """(T, S) bool: query at absolute position p sees cache rows 0..p (unwritten rows never)."""
-        rows = torch.arange(self.max_seq_len, device=input_pos.device)
-        return rows[None, :] <= input_pos[:, None]
-
-    def reset(self) -> None:
-        self.pos = 0
+    def mask(self, input_pos: torch.Tensor, kv_len: int | None = None) -> torch.Tensor:
+        """(B, 1, T, kv_len) bool: the query at position p sees slots 0..p of its own row."""
+        slots = torch.arange(kv_len or self.max_seq_len, device=input_pos.device)
+        return (slots <= input_pos[:, :, None])[:, None]
 
 
 class CausalSelfAttention(nn.Module):
@@ -128,7 +128,7 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
                 kv_cache: KVCache | None = None, input_pos: torch.Tensor | None = None,
-                static_mask: torch.Tensor | None = None) -> torch.Tensor:
+                mask: torch.Tensor | None = None) -> torch.Tensor:
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(
             [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=2)
@@ -139,20 +139,10 @@ class CausalSelfAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        if kv_cache is not None:
-            k, v = kv_cache.update(self.layer_idx, k, v, input_pos)  # (B, nkv, T_past + T or S, hs)
-        Tk = k.size(2)
-        if static_mask is not None:  # static cache: the whole buffer, rows past each query masked out
-            mask, causal = static_mask, False
-        elif Tk == T:
-            mask, causal = None, True
-        elif T == 1:
-            mask, causal = None, False  # one new query may look at every cached key
-        else:  # a chunk after a cached prefix: query i sits at absolute position Tk - T + i
-            mask = torch.ones(T, Tk, dtype=torch.bool, device=x.device).tril(diagonal=Tk - T)
-            causal = False
+        if kv_cache is not None:  # mask (B, 1, T, kv_len) from KVCache.mask: per-row positions
+            k, v = kv_cache.update(self.layer_idx, k, v, input_pos, mask.size(-1))  # (B, nkv, kv_len, hs)
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=causal,
+            q, k, v, attn_mask=mask, is_causal=kv_cache is None,
             dropout_p=self.dropout if self.training else 0.0,
             enable_gqa=self.n_kv_head != self.n_head,
         )  # (B, nh, T, hs)
@@ -196,8 +186,8 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
                 kv_cache: KVCache | None = None, input_pos: torch.Tensor | None = None,
-                static_mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), rope, kv_cache, input_pos, static_mask)
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), rope, kv_cache, input_pos, mask)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -270,40 +260,36 @@ class GPT(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
                 kv_cache: KVCache | None = None, input_pos: torch.Tensor | None = None,
-                last_only: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+                kv_len: int | None = None, last_only: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits (B, T, vocab_size) and, with ``targets`` (B, T), the mean cross-entropy.
 
-        ``kv_cache``: positions continue from ``kv_cache.pos`` and the cache advances by T; or, with
-        ``input_pos`` (T,) absolute positions, the static-shape path (see :class:`KVCache`), which
-        leaves ``kv_cache.pos`` to the caller.
+        Without ``kv_cache`` the tokens sit at positions 0..T-1 (training, scoring). With it, ``input_pos``
+        (B, T) gives every row's absolute positions, keys/values are written there, and attention runs
+        over the first ``kv_len`` cache slots (None: all of them, fixed shapes); see :class:`KVCache`.
         ``last_only``: logits of the last position only (B, 1, vocab_size), for sampling.
         """
         B, T = idx.size()
-        static = input_pos is not None
-        if static and kv_cache is None:
-            raise ValueError("input_pos needs a kv_cache")
-        pos0 = kv_cache.pos if kv_cache is not None and not static else 0
-        if pos0 + T > self.config.block_size:
-            raise ValueError(f"sequence of {pos0 + T} tokens exceeds the context window "
+        if (kv_cache is None) != (input_pos is None):
+            raise ValueError("kv_cache and input_pos go together: pass both (cached decoding) or neither")
+        if kv_cache is None and T > self.config.block_size:
+            raise ValueError(f"sequence of {T} tokens exceeds the context window "
                              f"(block_size={self.config.block_size})")
         x = self.transformer.wte(idx)  # (B, T, C)
-        rope = None
+        rope = mask = None
         if self.config.pos_emb == "learned":
-            # Positions are contiguous, so a slice of the table is the lookup: no index tensor, and its
-            # backward is a strided add instead of an index scatter (same values, fewer kernels).
-            pos_emb = self.transformer.wpe(input_pos) if static else self.transformer.wpe.weight[pos0:pos0 + T]
-            x = x + pos_emb  # (T, C) broadcasts over B
-        elif static:
-            rope = (self.rope_cos[input_pos], self.rope_sin[input_pos])  # (T, hs) each
+            # Without a cache positions are 0..T-1, so a slice of the table is the lookup: no index tensor,
+            # and its backward is a strided add instead of an index scatter (same values, fewer kernels).
+            x = x + (self.transformer.wpe.weight[:T] if kv_cache is None else self.transformer.wpe(input_pos))
+        elif kv_cache is None:
+            rope = (self.rope_cos[:T], self.rope_sin[:T])  # (T, hs) each
         else:
-            rope = (self.rope_cos[pos0:pos0 + T], self.rope_sin[pos0:pos0 + T])  # (T, hs) each
+            rope = (self.rope_cos[input_pos][:, None], self.rope_sin[input_pos][:, None])  # (B, 1, T, hs) each
         x = self.transformer.drop(x)
-        static_mask = kv_cache.mask(input_pos) if static else None  # (T, S)
+        if kv_cache is not None:
+            mask = kv_cache.mask(input_pos, kv_len)  # (B, 1, T, kv_len)
         for block in self.transformer.h:
-            x = block(x, rope, kv_cache, input_pos, static_mask)
+            x = block(x, rope, kv_cache, input_pos, mask)
         x = self.transformer.ln_f(x)
-        if kv_cache is not None and not static:
-            kv_cache.pos += T
         if targets is None and last_only:
             x = x[:, -1:, :]  # (B, 1, C): sampling needs one position
         logits = self.lm_head(x)  # (B, T, V_padded)

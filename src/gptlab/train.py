@@ -429,14 +429,14 @@ class Trainer:
         ids = ids[-self.raw_model.config.block_size + 1:]
         max_new = min(ev.sample_tokens, self.raw_model.config.block_size - len(ids))
         idx = torch.tensor([ids] * ev.num_samples, dtype=torch.long, device=self.device)
-        gen = torch.Generator(device=self.device).manual_seed(self.cfg.system.seed + self.step)
         self.raw_model.eval()
         try:
             with self.amp, warnings.catch_warnings():
                 # FSDP2 warns that the sliced logits are a view; sampling never runs backward.
                 warnings.filterwarnings("ignore", message=".*returned a view tensor.*")
                 out = generate(self.raw_model, idx, max_new, temperature=ev.sample_temperature,
-                               top_k=ev.sample_top_k or None, generator=gen, use_kv_cache=not self.fsdp)
+                               top_k=ev.sample_top_k or None, seed=self.cfg.system.seed + self.step,
+                               use_kv_cache=not self.fsdp)
         finally:
             self.raw_model.train()
         return [self.tokenizer.decode(row.tolist()) for row in out]

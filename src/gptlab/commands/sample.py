@@ -1,4 +1,4 @@
-"""``gptlab sample``: load ``--init`` and sample ``--num-samples`` continuations of ``--prompt``."""
+"""``gptlab sample``: load ``--init`` and sample ``--num-samples`` continuations of ``--prompt`` (on the engine)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from gptlab.commands import SRC_HELP, add_parser, device_arg, json_arg
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = add_parser(sub, "sample", run, help="generate text from a model",
-                   description="Sample text with a KV cache. Temperature 0 is greedy decoding.")
+                   description="Sample text with a KV cache. Temperature 0 is greedy decoding. A sample ends at "
+                               "the end-of-text token (as transformers' generate does) unless --ignore-eot.")
     p.add_argument("--init", required=True, help=SRC_HELP)
     p.add_argument("--prompt", default="\n", help="prompt text, or FILE:path to read it from a file")
     p.add_argument("--num-samples", type=int, default=1)
@@ -20,10 +21,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--seed", type=int, default=1337, help="sample i uses seed + i")
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="end a sample before this text (repeatable)")
+    p.add_argument("--ignore-eot", action="store_true", help="keep going past the end-of-text token")
     p.add_argument("--no-kv-cache", action="store_true", help="recompute the whole context every step")
     p.add_argument("--stream", action="store_true", help="print text as it is produced (one sample at a time)")
     p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto")
+    p.add_argument("--quantize", choices=["int8"], default=None,
+                   help="int8 weight-only quantization (per-output-channel scales): fewer bytes read per token")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the one-token decode step over a static-shape KV cache "
                         "(captured as a CUDA graph on GPU)")
@@ -34,11 +40,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from gptlab.engine import Engine, SamplingParams
     from gptlab.errors import GptlabError
-    from gptlab.generate import (CompiledDecoder, TextStreamer, encode_prompt, generate, read_prompt,
-                                 stream_generate)
-    from gptlab.loading import load_model
-    from gptlab.runtime import resolve_device, resolve_dtype
+    from gptlab.generate import encode_prompt, read_prompt
 
     for name, ok in (("num_samples", args.num_samples >= 1), ("max_new_tokens", args.max_new_tokens >= 0),
                      ("temperature", args.temperature >= 0),
@@ -47,63 +51,66 @@ def run(args: argparse.Namespace) -> int:
         if not ok:
             raise GptlabError(f"--{name.replace('_', '-')} {getattr(args, name)}: out of range "
                               "(num-samples >= 1, max-new-tokens >= 0, temperature >= 0, top-k >= 1, 0 < top-p <= 1)")
-    device = resolve_device(args.device)
-    dtype = resolve_dtype(args.dtype, device)
+    if any(not s for s in args.stop):
+        raise GptlabError("--stop: give a non-empty text")
+    text = read_prompt(args.prompt)
     t0 = time.perf_counter()
-    model, tokenizer = load_model(args.init, device=device, dtype=dtype)
-    if tokenizer is None:
+    engine = Engine.load(args.init, device=args.device, dtype=args.dtype, compile=args.compile,
+                         quantize=args.quantize, max_batch=1 if args.stream else args.num_samples,
+                         max_queue=args.num_samples, use_kv_cache=not args.no_kv_cache)
+    if engine.tokenizer is None:
         raise GptlabError(f"--init {args.init}: no tokenizer found with the model; sampling needs one "
                           "(export it from gptlab, or use a GPT-2-vocabulary model)")
     load_s = time.perf_counter() - t0
-    text = read_prompt(args.prompt)
-    prompt_ids = encode_prompt(tokenizer, text)
-    gen = torch.Generator(device=device).manual_seed(args.seed)
-    decode_fn = CompiledDecoder(model) if args.compile and not args.no_kv_cache else None
-    kw = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, generator=gen,
-              use_kv_cache=not args.no_kv_cache, stop_id=None, decode_fn=decode_fn,
-              static_cache=decode_fn is not None)
+    prompt_ids = encode_prompt(engine.tokenizer, text)
+    W = engine.max_seq_len
+    max_new = args.max_new_tokens
+    if len(prompt_ids) + max_new > W:
+        keep = min(len(prompt_ids), max(W - max_new, W // 2))
+        print(f"warning: prompt ({len(prompt_ids)} tokens) + --max-new-tokens {max_new} exceed the context window "
+              f"({W}); the model sees the prompt's last {keep} tokens and stops at the window", file=sys.stderr)
+        prompt_ids = prompt_ids[-keep:]
+        max_new = min(max_new, W - keep)
+    params = [SamplingParams(max_tokens=max_new, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                             seed=args.seed + i, stop=args.stop, ignore_eot=args.ignore_eot)
+              for i in range(args.num_samples)]
     out_stream = sys.stderr if args.json else sys.stdout
-    completions: list[str] = []
-    new_tokens = 0
+    completions = []
     t1 = time.perf_counter()
     if args.stream:
-        for n in range(args.num_samples):
+        for n, p in enumerate(params):
             if n:
                 print("---------------", file=out_stream, flush=True)
-            idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)
-            streamer = TextStreamer(tokenizer)
             print(text, end="", file=out_stream, flush=True)
-            ids = []
-            for tok in stream_generate(model, idx, args.max_new_tokens, **kw):
-                ids.append(int(tok[0]))
-                piece = streamer.push(ids[-1])
-                if piece:
-                    print(piece, end="", file=out_stream, flush=True)
-            print(streamer.flush(), file=out_stream, flush=True)
-            new_tokens += len(ids)
-            completions.append(tokenizer.decode(ids))
+            req = engine.submit(prompt_ids, p)
+            for ev in engine.stream(req):
+                if ev.text:
+                    print(ev.text, end="", file=out_stream, flush=True)
+            print(file=out_stream, flush=True)
+            completions.append(req.result())
     else:
-        idx = torch.tensor([prompt_ids] * args.num_samples, dtype=torch.long, device=device)
-        out = generate(model, idx, args.max_new_tokens, **kw)
-        for row in out.tolist():
-            completions.append(tokenizer.decode(row[len(prompt_ids):]))
-            new_tokens += len(row) - len(prompt_ids)
-    if device.type == "cuda":
+        reqs = [engine.submit(prompt_ids, p) for p in params]
+        while not all(r.done for r in reqs):
+            engine.step()
+        completions = [r.result() for r in reqs]
+    if engine.device.type == "cuda":
         torch.cuda.synchronize()
     gen_s = time.perf_counter() - t1
-    samples = [text + c for c in completions]
+    new_tokens = sum(len(c.token_ids) for c in completions)
+    samples = [text + c.text for c in completions]
     tps = new_tokens / gen_s if gen_s > 0 else float("nan")
     if args.json:
-        print(json.dumps({"samples": samples, "completions": completions, "prompt": text,
-                          "prompt_tokens": len(prompt_ids), "new_tokens": new_tokens, "seconds": round(gen_s, 4),
-                          "load_seconds": round(load_s, 4), "tokens_per_s": tps, "device": str(device),
-                          "dtype": str(dtype).removeprefix("torch."), "kv_cache": not args.no_kv_cache,
-                          "seed": args.seed, "init": str(args.init)}))
+        print(json.dumps({"samples": samples, "completions": [c.text for c in completions], "prompt": text,
+                          "prompt_tokens": len(prompt_ids), "new_tokens": new_tokens,
+                          "finish_reasons": [c.finish_reason for c in completions], "seconds": round(gen_s, 4),
+                          "load_seconds": round(load_s, 4), "tokens_per_s": tps, "device": str(engine.device),
+                          "dtype": str(engine.dtype).removeprefix("torch."), "quantize": args.quantize,
+                          "kv_cache": not args.no_kv_cache, "seed": args.seed, "init": str(args.init)}))
     elif not args.stream:
         for n, s in enumerate(samples):
             if n:
                 print("---------------")
             print(s)
-    print(f"{new_tokens} tokens in {gen_s:.2f}s ({tps:.1f} tokens/s, {device}, "
+    print(f"{new_tokens} tokens in {gen_s:.2f}s ({tps:.1f} tokens/s, {engine.device}, "
           f"{'kv cache' if not args.no_kv_cache else 'no kv cache'})", file=sys.stderr)
     return 0
