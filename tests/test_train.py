@@ -48,10 +48,15 @@ def cfg_for(data_dir: Path, out: Path, *extra: str, **flags):
     return resolve_train_config(None, flags, [*TINY, *extra])
 
 
-def run_cli(args: list[str], env: dict[str, str] | None = None, timeout: float = 240) -> subprocess.CompletedProcess:
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "gptlab", "train", *args], capture_output=True, text=True,
-                          env=full_env, timeout=timeout)
+FAULT_CLI = str(Path(__file__).with_name("fault_cli.py"))
+
+
+def run_cli(args: list[str], faults: str = "", timeout: float = 240) -> subprocess.CompletedProcess:
+    """``gptlab train ARGS`` in a subprocess; ``faults`` (e.g. ``kill_at_step=10``): see fault_cli.py."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launcher = [FAULT_CLI, faults, "--"] if faults else ["-m", "gptlab"]
+    return subprocess.run([sys.executable, *launcher, "train", *args], capture_output=True, text=True,
+                          env=env, timeout=timeout)
 
 
 def train_losses(run_dir: Path) -> list[tuple[int, float]]:
@@ -83,21 +88,40 @@ def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], 
 NO_BIAS = "--model.bias=false"
 
 
-def test_grad_accumulation_equals_one_big_batch(data_dir, tmp_path):
-    """8 sequences in one micro-batch == 4 micro-batches of 2 (loss divided by accumulation steps)."""
-    common = ["--batch.batch_tokens=256", "--checkpoint.every=0", "--eval.eval_every=0", NO_BIAS]
-    big = train(cfg_for(data_dir, tmp_path / "big", *common, "--batch.micro_batch=8", max_steps=6))
-    acc = train(cfg_for(data_dir, tmp_path / "acc", *common, "--batch.micro_batch=2", max_steps=6))
-    assert big["steps"] == acc["steps"] == 6
-    la, lb = train_losses(tmp_path / "big"), train_losses(tmp_path / "acc")
-    assert [s for s, _ in la] == [1, 2, 3, 4, 5, 6]
-    for (_, x), (_, y) in zip(la, lb):
-        assert x == pytest.approx(y, rel=1e-5)
-    assert_same_weights(final_weights(tmp_path / "big"), final_weights(tmp_path / "acc"), exact=False)
-    # The run is not trivially static: the weights moved.
-    ckpt = latest_checkpoint(tmp_path / "big")
-    meta = json.loads((ckpt / "meta.json").read_text())
-    assert meta["step"] == 6 and meta["tokens_seen"] == 6 * 256
+def test_grad_accumulation_step_equals_one_big_batch_step(data_dir, tmp_path):
+    """One trainer step over 4 micro-batches of 2 sequences moves the weights exactly as one plain PyTorch
+    step on the same 8 sequences as one batch. AdamW with a large eps makes the update proportional to the
+    gradient (``lr * g / (|g| + eps)``), so a wrong loss scale or a missing micro-batch shows up."""
+    from gptlab.data.loader import TokenLoader
+    from gptlab.model import GPT
+
+    opt = ["--optim.eps=1.0", "--optim.weight_decay=0", "--optim.grad_clip=0", "--optim.warmup_steps=0",
+           "--optim.decay=constant", "--optim.lr=1.0", "--model.dropout=0"]
+    cfg = cfg_for(data_dir, tmp_path / "acc", NO_BIAS, *opt, "--batch.batch_tokens=256", "--batch.micro_batch=2",
+                  "--checkpoint.every=0", "--eval.eval_every=0", max_steps=1)
+    assert cfg.grad_accum_steps(1) == 4
+    train(cfg)
+    trained = final_weights(tmp_path / "acc")
+
+    # The reference: the same initial weights, the 8 sequences as one batch, torch's own AdamW.
+    vocab = json.loads((data_dir / "manifest.json").read_text())["vocab_size"]
+    ref = GPT(cfg.model.to_model_config(vocab))
+    ref.init_weights(torch.Generator().manual_seed(cfg.system.seed))
+    before = {k: v.clone() for k, v in ref.state_dict().items()}
+    x, y = TokenLoader(data_dir, "train", 8, cfg.seq_len, shuffle=cfg.data.shuffle, seed=cfg.data.seed).next_batch()
+    adamw = torch.optim.AdamW(ref.parameters(), lr=1.0, betas=cfg.optim.betas, eps=1.0, weight_decay=0.0)
+    _, loss = ref(x, y)
+    loss.backward()
+    adamw.step()
+    assert train_losses(tmp_path / "acc") == [(1, pytest.approx(loss.item(), rel=1e-6))]
+    after = ref.state_dict()
+    moved = 0
+    for k, w in trained.items():
+        # The update, not the weights (atol: rounding of weights ~1e2 times larger than a step).
+        torch.testing.assert_close(w - before[k], after[k] - before[k], rtol=1e-4, atol=1e-8,
+                                   msg=lambda m, k=k: f"{k}: {m}")
+        moved += int((after[k] != before[k]).sum())
+    assert moved > 0.9 * sum(v.numel() for v in trained.values())  # nearly every weight took a real step
 
 
 def _torchrun(args: list[str], nproc: int = 2, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -165,7 +189,7 @@ def test_sigkill_and_kill_during_save_resume_bit_exact(data_dir, tmp_path):
 
     # Killed after logging step 10 (last checkpoint: step 8): resume replays 9 and 10.
     run = tmp_path / "killed"
-    r = run_cli([*base, "--out", str(run)], env={"GPTLAB_TEST_KILL_AT_STEP": "10"})
+    r = run_cli([*base, "--out", str(run)], faults="kill_at_step=10")
     assert r.returncode == -signal.SIGKILL
     assert latest_checkpoint(run).name == "step_00000008"
     assert max(s for s, _ in train_losses(run)) == 10
@@ -179,7 +203,7 @@ def test_sigkill_and_kill_during_save_resume_bit_exact(data_dir, tmp_path):
 
     # Killed in the middle of writing checkpoint 8: the partial save is ignored, step 4 stays loadable.
     run2 = tmp_path / "killed_in_save"
-    r = run_cli([*base, "--out", str(run2)], env={"GPTLAB_TEST_KILL_IN_SAVE": "8"})
+    r = run_cli([*base, "--out", str(run2)], faults="kill_in_save=8")
     assert r.returncode == -signal.SIGKILL
     assert [p.name for p in list_checkpoints(run2)] == ["step_00000004"]
     assert any(p.name.startswith(".tmp-step_00000008") for p in (run2 / "checkpoints").iterdir())
@@ -192,13 +216,18 @@ def test_sigkill_and_kill_during_save_resume_bit_exact(data_dir, tmp_path):
     assert not any(p.name.startswith(".tmp-") for p in (run2 / "checkpoints").iterdir())
 
 
-def test_nan_loss_stops_before_the_update_and_keeps_last_checkpoint(data_dir, tmp_path, monkeypatch, capsys):
+def test_nan_loss_stops_before_the_update_and_keeps_last_checkpoint(data_dir, tmp_path, capsys):
+    from fault_cli import install_faults
+
     from gptlab.cli import main
 
     out = tmp_path / "nan"
-    monkeypatch.setenv("GPTLAB_TEST_NAN_AT_STEP", "6")
-    rc = main(["train", "--data", str(data_dir), "--out", str(out), "--max-steps", "10", "--checkpoint-every", "4",
-               *TINY, "--batch.batch_tokens=128", "--batch.micro_batch=4", "--eval.eval_every=0"])
+    remove = install_faults("nan_at_step=6")
+    try:
+        rc = main(["train", "--data", str(data_dir), "--out", str(out), "--max-steps", "10", "--checkpoint-every", "4",
+                   *TINY, "--batch.batch_tokens=128", "--batch.micro_batch=4", "--eval.eval_every=0"])
+    finally:
+        remove()
     assert rc == 1
     err = capsys.readouterr().err
     assert "step 6: loss is nan" in err and "Last good checkpoint: step 4" in err
@@ -207,7 +236,6 @@ def test_nan_loss_stops_before_the_update_and_keeps_last_checkpoint(data_dir, tm
     model, _, meta = load_checkpoint(out)
     assert meta["step"] == 4
     assert all(torch.isfinite(p).all() for p in model.parameters())
-    monkeypatch.delenv("GPTLAB_TEST_NAN_AT_STEP")
     # Resuming continues from the good checkpoint.
     s = train(cfg_for(data_dir, out, "--batch.batch_tokens=128", "--batch.micro_batch=4", "--eval.eval_every=0",
                       max_steps=7, resume="auto", checkpoint_every=4))
@@ -398,10 +426,11 @@ def test_torchrun_errors_reach_every_rank(data_dir, tmp_path):
     r = _torchrun(common, timeout=180)
     assert r.returncode != 0 and "--resume auto" in r.stderr
     # A NaN loss on rank 1 only stops both ranks before the update (the logged loss is all-reduced).
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "GPTLAB_TEST_NAN_AT_STEP": "2", "GPTLAB_TEST_NAN_RANK": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     nan_run = [*common[:-1], str(tmp_path / "nan"), "--checkpoint-every", "1"]
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        "-m", "gptlab", "train", *nan_run], capture_output=True, text=True, env=env, timeout=180)
+                        FAULT_CLI, "nan_at_step=2,nan_rank=1", "--", "train", *nan_run],
+                       capture_output=True, text=True, env=env, timeout=180)
     assert r.returncode != 0 and "step 2: loss is nan" in r.stderr
     assert [p.name for p in list_checkpoints(tmp_path / "nan")] == ["step_00000001"]
 

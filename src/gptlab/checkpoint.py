@@ -19,7 +19,6 @@ import os
 import random
 import re
 import shutil
-import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from gptlab import hooks
 from gptlab.errors import GptlabError
 from gptlab.fsio import fsync_dir, fsync_file
 
@@ -149,7 +149,7 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, *, model_state: dict[
     save_file(model_tensors(model_state, tied), str(tmp / "model.safetensors"),
               metadata={"format": "pt", "gptlab_step": str(step)})
     fsync_file(tmp / "model.safetensors")
-    _test_kill_hook("GPTLAB_TEST_KILL_IN_SAVE", step)
+    hooks.fire("checkpoint_partial", step=step, path=tmp)
     if optimizer_state is not None:
         torch.save(optimizer_state, tmp / "optimizer.pt")
         fsync_file(tmp / "optimizer.pt")
@@ -170,13 +170,6 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, *, model_state: dict[
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
     return final
-
-
-def _test_kill_hook(var: str, step: int) -> None:
-    """Test-only fault injection: SIGKILL this process at ``step`` when the env var names it."""
-    want = os.environ.get(var)
-    if want and int(want) == step:
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def prune_checkpoints(run_dir: str | os.PathLike, keep_last: int, keep_best: bool) -> list[Path]:

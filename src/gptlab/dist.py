@@ -146,3 +146,93 @@ def destroy() -> None:
         # process ("terminate called without an active exception", seen once in CI on gloo).
         gc.collect()
         dist.destroy_process_group()
+
+
+# --------------------------------------------------------------------------- how the model is spread
+
+
+class Parallel:
+    """How a training model is spread over the ranks: ``single`` (one process), ``ddp`` (a full replica
+    per rank, gradients all-reduced) or ``fsdp`` (FSDP2: every block sharded over the ranks).
+
+    The one place that knows the difference: wrapping, skipping the gradient sync on all but the last
+    micro-step, the gradient norm, and full (unsharded) state dicts for checkpoints.
+    """
+
+    def __init__(self, info: DistInfo, fsdp: bool = False) -> None:
+        self.info = info
+        self.kind = "single" if not info.distributed else "fsdp" if fsdp else "ddp"
+
+    @property
+    def sharded(self) -> bool:
+        """Every rank holds a part of the weights: a forward pass needs all ranks."""
+        return self.kind == "fsdp"
+
+    def describe(self) -> str:
+        return {"single": "", "ddp": " (DDP)", "fsdp": " (FSDP2)"}[self.kind]
+
+    def wrap(self, raw: torch.nn.Module, device: torch.device, compile: bool = False) -> torch.nn.Module:
+        """Shard (FSDP2) ``raw`` in place, compile, replicate (DDP); returns the module the loop calls.
+        ``raw`` keeps its parameters (sharded under FSDP2): evaluation and checkpoints use it."""
+        if self.kind == "fsdp":
+            try:
+                from torch.distributed.fsdp import fully_shard
+            except ImportError:  # pragma: no cover - torch < 2.6
+                from torch.distributed._composable.fsdp import fully_shard
+            # Shard every block, then the root (embeddings, final norm, tied head); FSDP2 all-gathers a
+            # block's parameters just before its forward and frees them after.
+            for block in raw.transformer.h:
+                fully_shard(block)
+            fully_shard(raw)
+        model = torch.compile(raw) if compile else raw
+        if self.kind == "ddp":
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+        return model
+
+    def sync_gradients(self, model: torch.nn.Module, raw: torch.nn.Module, last: bool) -> Any:
+        """Context for one micro-step's backward: gradients are reduced over ranks only when ``last``
+        (DDP ``no_sync`` / FSDP2 ``set_requires_gradient_sync``); accumulation stays local before."""
+        import contextlib
+
+        if self.kind == "fsdp":
+            raw.set_requires_gradient_sync(last)
+        if self.kind == "ddp" and not last:
+            return model.no_sync()
+        return contextlib.nullcontext()
+
+    def clip_grad_norm(self, model: torch.nn.Module, max_norm: float) -> float:
+        """Clip the global gradient norm to ``max_norm`` (``inf``: measure only); returns the norm."""
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+        if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor
+            norm = norm.full_tensor()
+        return float(norm.item())
+
+    def model_state_dict(self, raw: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """The full weights (gathered from every rank under FSDP2: a collective, call on all ranks)."""
+        if self.kind != "fsdp":
+            return raw.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(raw, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def optimizer_state_dict(self, raw: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        """The optimizer state in its unsharded form (a collective under FSDP2)."""
+        if self.kind != "fsdp":
+            return optimizer.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(raw, optimizer,
+                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def load_optimizer_state_dict(self, raw: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                                  state: dict[str, Any]) -> None:
+        """Undo :meth:`optimizer_state_dict`, each rank keeping its own shard under FSDP2."""
+        if self.kind != "fsdp":
+            optimizer.load_state_dict(state)
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(raw, optimizer, optim_state_dict=state,
+                                 options=StateDictOptions(full_state_dict=True))

@@ -315,3 +315,39 @@ def evaluate_hellaswag(model: torch.nn.Module, examples: Sequence[dict], tokeniz
     if return_predictions:
         out.update(pred=preds, pred_norm=preds_norm, label=labels, ending_loss=row_loss, ending_tokens=row_tokens)
     return out
+
+
+# --------------------------------------------------------------------------- during training
+
+
+from gptlab.evals.registry import Eval, EvalContext, EvalOff, register  # noqa: E402
+
+
+@register
+class HellaSwagEval(Eval):
+    """HellaSwag accuracy of the current weights every ``eval.hellaswag_every`` steps (first
+    ``eval.hellaswag_limit`` examples of ``eval.hellaswag_input`` or the downloaded val split)."""
+
+    name = "hellaswag"
+    every_key = "hellaswag_every"
+
+    def __init__(self, ctx: EvalContext) -> None:
+        self.examples: list[dict] | None = None  # loaded at the first evaluation
+
+    def run(self, model: torch.nn.Module, ctx: EvalContext) -> list[dict[str, Any]]:
+        ev = ctx.cfg.eval
+        if ctx.tokenizer is None:
+            return []
+        try:
+            if self.examples is None:
+                self.examples = load_hellaswag(ev.hellaswag_input or None, split="val")
+            res = evaluate_hellaswag(model, self.examples, ctx.tokenizer, device=ctx.device, dtype=ctx.dtype,
+                                     limit=ev.hellaswag_limit or None)
+        except (GptlabError, OSError) as e:
+            raise EvalOff(f"HellaSwag evaluation is off: {e}") from None
+        finally:
+            model.train()
+        return [{"acc": float(res["acc"]), "acc_norm": float(res["acc_norm"]), "n": int(res["n"])}]
+
+    def report(self, records: list[dict[str, Any]]) -> str:
+        return f"hellaswag acc_norm {records[0]['acc_norm']:.4f} (n={records[0]['n']})"

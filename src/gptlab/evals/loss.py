@@ -148,3 +148,57 @@ def evaluate_loss(model: torch.nn.Module, data_dir: str | os.PathLike, *, split:
     return {"loss": mean, "perplexity": math.exp(mean) if mean < 700 else float("inf"), "tokens": int(count),
             "windows": n_windows, "seq_len": T, "split": split, "data": str(data_dir),
             "dataset": manifest.get("dataset"), "seconds": round(time.perf_counter() - t0, 3)}
+
+
+# --------------------------------------------------------------------------- during training
+
+
+from gptlab.evals.registry import Eval, EvalContext, EvalOff, register  # noqa: E402
+
+
+@register
+class ValLoss(Eval):
+    """The trainer's validation loss: the first ``eval.eval_tokens`` of the val split (the whole split at
+    most: no token counted twice), read as the training loader reads (micro-batches of ``seq_len``,
+    rank-strided), the same tokens at every evaluation; the mean over ranks."""
+
+    name = "val"
+    every_key = "eval_every"
+
+    def __init__(self, ctx: EvalContext) -> None:
+        from gptlab.data.loader import LoaderError, TokenLoader
+
+        cfg, info = ctx.cfg, ctx.info
+        try:
+            self.loader = TokenLoader(ctx.data_dir, "val", cfg.batch.micro_batch, cfg.seq_len, rank=info.rank,
+                                      world_size=info.world_size, shuffle=False, seed=0, device=ctx.device)
+        except LoaderError as e:
+            from gptlab.data.shards import read_manifest
+
+            total = sum(int(s["tokens"]) for s in read_manifest(ctx.data_dir)["shards"] if s["split"] == "val")
+            raise EvalOff(f"validation is off: the val split ({total:,} tokens) is unusable: {e}") from None
+        avail = self.loader.batches_per_epoch
+        per_batch = cfg.batch.micro_batch * cfg.seq_len * info.world_size
+        want = cfg.eval.eval_tokens // per_batch if cfg.eval.eval_tokens else avail
+        self.steps = max(1, min(want, avail))
+
+    @torch.no_grad()
+    def run(self, model: torch.nn.Module, ctx: EvalContext) -> list[dict[str, Any]]:
+        from gptlab import dist as gdist
+
+        model.eval()
+        self.loader.reset()
+        total = torch.zeros((), device=ctx.device, dtype=torch.float32)
+        for _ in range(self.steps):
+            x, y = self.loader.next_batch()
+            with ctx.amp():
+                _, loss = model(x, y)
+            total += loss.float()
+        model.train()
+        return [{"val_loss": gdist.all_reduce_mean(total / self.steps).item()}]
+
+    def describe(self) -> str:
+        return f"val {self.steps} batches/eval"
+
+    def report(self, records: list[dict[str, Any]]) -> str:
+        return f"val loss {records[0]['val_loss']:.4f}"
