@@ -1,4 +1,5 @@
-"""Evaluations of any gptlab model: HellaSwag (``hellaswag.py``) and validation loss (``loss.py``).
+"""Evaluations of any gptlab model: HellaSwag (``hellaswag.py``) and validation loss (``loss.py``); the
+evaluations run during training are a registry (``registry.py``: how to add one), ``samples.py`` among them.
 
 Submodules are imported on use so ``import gptlab.evals`` stays cheap (no torch); the reference
 numbers below live here so ``gptlab plot`` can draw them without importing torch.
