@@ -497,3 +497,30 @@ def test_muon_training_resumes_exactly(data_dir, tmp_path):
     assert_same_weights(final_weights(tmp_path / "res"), final_weights(tmp_path / "ref"))
     losses = [x for _, x in train_losses(tmp_path / "ref")]
     assert losses[-1] < losses[0]
+
+
+def test_a_registered_eval_runs_when_due_on_the_current_weights(data_dir, tmp_path, monkeypatch):
+    """A new in-training eval is one class: registered, it runs every ``every_key`` steps and after the last,
+    on the weights of that step, and its records land in metrics.jsonl under its name."""
+    from gptlab.evals import registry
+
+    class WeightNorm(registry.Eval):
+        name = "weight_norm"
+
+        @classmethod
+        def every(cls, cfg):  # instead of an every_key (an [eval] config field)
+            return 3
+
+        def run(self, model, ctx):
+            return [{"norm": float(torch.sqrt(sum((p.detach() ** 2).sum() for p in model.parameters())))}]
+
+    monkeypatch.setitem(registry._REGISTRY, WeightNorm.name, WeightNorm)
+    out = tmp_path / "run"
+    train(cfg_for(data_dir, out, "--batch.batch_tokens=128", "--batch.micro_batch=4", "--eval.eval_every=2",
+                  "--checkpoint.every=0", max_steps=7))
+    recs = read_metrics(out / "metrics.jsonl")
+    assert [(r["kind"], r["step"]) for r in recs if r["kind"] != "train"] == [
+        ("val", 2), ("weight_norm", 3), ("val", 4), ("val", 6), ("weight_norm", 6), ("val", 7), ("weight_norm", 7)]
+    final = final_weights(out)  # a tied head is stored once, as the model holds it once
+    want = float(torch.sqrt(sum((w ** 2).sum() for w in final.values())))
+    assert recs[-1]["norm"] == pytest.approx(want, rel=1e-6)

@@ -4,8 +4,8 @@ An eval is a small class, registered with ``@register``:
 
 - ``name``: the ``kind`` of its records in ``metrics.jsonl`` (``val``, ``hellaswag``, ``sample``); the
   name ``gptlab plot`` and ``gptlab eval`` know it by.
-- ``every_key``: the ``[eval]`` config field holding its interval in steps (0: off). Like every eval it
-  also runs after the last step.
+- ``every_key``: the ``[eval]`` config field holding its interval in steps (0: off), or override the
+  classmethod ``every(cfg) -> int``. Like every eval it also runs after the last step.
 - ``__init__(self, ctx)``: set-up, once, only when the interval is not 0 (open a loader, load a file).
 - ``run(self, model, ctx) -> list[dict]``: one evaluation of ``model`` (the raw model: not compiled, not
   DDP-wrapped, but sharded under FSDP2) at step ``ctx.step``; returns its records, to which the trainer
