@@ -7,8 +7,14 @@ Accepted forms, tried in this order:
    complete checkpoint;
 2. a Hugging Face model dir (``config.json`` with ``model_type`` gpt2, llama or qwen3), including
    the dirs ``gptlab export`` writes;
-3. a Hub name: ``gpt2``, ``gpt2-medium``, ``gpt2-large``, ``gpt2-xl`` (or an ``owner/name`` repo id),
+3. a nanoGPT run dir or its ``ckpt.pt`` (with ``meta.pkl``'s character vocabulary when present), a
+   build-nanogpt log dir (its newest ``model_NNNNN.pt``) or checkpoint file (:mod:`gptlab.convert.nanogpt`);
+4. an llm.c model file (``gpt2_124M.bin``; version 3 fp32 or 5 bf16, :mod:`gptlab.convert.llmc`);
+5. a Hub name: ``gpt2``, ``gpt2-medium``, ``gpt2-large``, ``gpt2-xl`` (or an ``owner/name`` repo id),
    downloaded once into the huggingface_hub cache.
+
+Pickled files (nanoGPT, build-nanogpt) are read without running any code in them
+(:mod:`gptlab.convert.safe_pickle`).
 
 Each form is read into a :class:`Source` (config, gptlab state dict, tokenizer); :func:`materialize`
 then builds the network on the meta device and assigns the weights, so no random init is ever
@@ -30,7 +36,8 @@ from gptlab.config import ModelConfig
 from gptlab.errors import GptlabError
 
 ACCEPTED = ("a Hub name (gpt2, gpt2-medium, gpt2-large, gpt2-xl), a Hugging Face model directory "
-            "(config.json + model.safetensors), or a gptlab run / checkpoint directory")
+            "(config.json + model.safetensors), a gptlab run / checkpoint directory, a nanoGPT run dir or ckpt.pt, "
+            "a build-nanogpt log dir or model_NNNNN.pt, or an llm.c model .bin")
 
 
 class LoadError(GptlabError):
@@ -163,6 +170,24 @@ def read_hf(path: str | os.PathLike, kind: str = "hf") -> Source:
     return Source(config, state, _hf_tokenizer(d, config.vocab_size), kind, str(d))
 
 
+def read_foreign_checkpoint(path: str | os.PathLike) -> Source:
+    """A nanoGPT ``ckpt.pt`` or build-nanogpt ``model_NNNNN.pt`` file."""
+    from gptlab.convert.nanogpt import read_checkpoint
+
+    config, state, tok, info = read_checkpoint(path)
+    return Source(config, state, tok, info["format"], str(path), info)
+
+
+def read_llmc(path: str | os.PathLike) -> Source:
+    """An llm.c model file; its vocabulary is GPT-2's when it has GPT-2's size."""
+    from gptlab.convert.llmc import read_model
+    from gptlab.tokenizer import GPT2_VOCAB_SIZE, GPT2Tokenizer
+
+    config, state, info = read_model(path)
+    tok = GPT2Tokenizer() if config.vocab_size == GPT2_VOCAB_SIZE else None
+    return Source(config, state, tok, "llmc", str(path), info)
+
+
 HUB_REPOS = {name: f"openai-community/{name}" for name in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")}
 _HUB_FILES = ["config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
               "model-*.safetensors", "vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json",
@@ -200,10 +225,25 @@ def read_source(src: str | os.PathLike) -> Source:
             return read_gptlab_checkpoint(p)
         if (p / "config.json").is_file():
             return read_hf(p)
-        raise GptlabError(f"--init {s}: directory has neither config.json (Hugging Face) nor checkpoints/ or "
-                          f"meta.json (gptlab); expected {ACCEPTED}")
+        from gptlab.convert.nanogpt import find_checkpoint
+
+        ckpt = find_checkpoint(p)
+        if ckpt is not None:
+            return read_foreign_checkpoint(ckpt)
+        raise GptlabError(f"--init {s}: directory has neither config.json (Hugging Face), checkpoints/ or "
+                          f"meta.json (gptlab), ckpt.pt (nanoGPT) nor model_NNNNN.pt (build-nanogpt); "
+                          f"expected {ACCEPTED}")
+    if p.is_file():
+        from gptlab.convert.llmc import is_llmc_model
+
+        if is_llmc_model(p):
+            return read_llmc(p)
+        if p.suffix in (".pt", ".pth", ".ckpt"):
+            return read_foreign_checkpoint(p)
+        raise GptlabError(f"--init {s}: is a file gptlab does not read as a model; pass its directory for a "
+                          f"Hugging Face or gptlab model ({ACCEPTED})")
     if p.exists():
-        raise GptlabError(f"--init {s}: is a file; pass its directory instead ({ACCEPTED})")
+        raise GptlabError(f"--init {s}: is neither a file nor a directory; expected {ACCEPTED}")
     if s in HUB_REPOS or (s.count("/") == 1 and not s.startswith((".", "/", "~"))):
         return read_hf(hub_download(s), kind="hub")
     raise GptlabError(f"--init {s}: not found; expected {ACCEPTED}")

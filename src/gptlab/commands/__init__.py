@@ -14,7 +14,8 @@ import argparse
 VERBS: tuple[str, ...] = ("prepare", "train", "sample", "eval", "export", "bench", "plot")
 
 SRC_HELP = ("model source: a Hub name (gpt2, gpt2-medium, gpt2-large, gpt2-xl), a Hugging Face "
-            "model directory, or a gptlab run / checkpoint directory")
+            "model directory, a gptlab run / checkpoint directory, a nanoGPT run dir or ckpt.pt, a build-nanogpt "
+            "log dir or model_NNNNN.pt, or an llm.c model .bin")
 
 
 class HelpFormatter(argparse.HelpFormatter):

@@ -1,4 +1,5 @@
-"""``gptlab export --init SRC --out DIR [--overwrite] [--json]``: write a Hugging Face model directory."""
+"""``gptlab export --init SRC --out PATH [--format hf|llmc] [--overwrite] [--json]``: write a Hugging Face
+model directory, or llm.c's model file."""
 
 from __future__ import annotations
 
@@ -10,22 +11,33 @@ from gptlab.commands import SRC_HELP, add_parser, json_arg
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = add_parser(sub, "export", run, help="export a model to Hugging Face format",
-                   description="Write a directory that transformers' AutoModelForCausalLM and AutoTokenizer load.")
+    p = add_parser(sub, "export", run, help="export a model to Hugging Face or llm.c format",
+                   description="--format hf: a directory that transformers' AutoModelForCausalLM and AutoTokenizer "
+                               "load. --format llmc: llm.c's GPT-2 model file (gpt2_124M.bin layout) that its C/CUDA "
+                               "trainer and inference code load.")
     p.add_argument("--init", required=True, help=SRC_HELP)
-    p.add_argument("--out", required=True, help="output directory (written atomically)")
-    p.add_argument("--format", default="hf", choices=["hf"])
+    p.add_argument("--out", required=True, help="output directory (hf) or file (llmc), written atomically")
+    p.add_argument("--format", default="hf", choices=["hf", "llmc"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="llmc only: float32 (llm.c version 3) or bfloat16 (version 5)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
     json_arg(p)
 
 
 def run(args: argparse.Namespace) -> int:
-    from gptlab.hf import export_hf
     from gptlab.loading import load_model
 
     model, tokenizer = load_model(args.init, device="cpu")
-    summary = export_hf(model, tokenizer, args.out, overwrite=args.overwrite)
-    if tokenizer is None:
+    if args.format == "llmc":
+        from gptlab.convert.llmc import write_model
+
+        summary = write_model(model, args.out, dtype=args.dtype, overwrite=args.overwrite)
+        summary["architecture"] = f"llm.c GPT-2 v{summary['version']}"
+    else:
+        from gptlab.hf import export_hf
+
+        summary = export_hf(model, tokenizer, args.out, overwrite=args.overwrite)
+    if tokenizer is None and args.format == "hf":
         print(f"gptlab export: note: {args.init} has no tokenizer; only the weights were exported", file=sys.stderr)
     if args.json:
         print(json.dumps(summary))
