@@ -335,7 +335,8 @@ class TrainModelConfig(ModelConfig):
 class TrainDataConfig:
     """The ``[data]`` table. ``dir`` empty = the dataset's default dir (prepared on first use)."""
 
-    dir: str = ""  # prepared dataset directory (manifest.json); --data
+    dir: str = ""  # prepared dataset directory (manifest.json), or a dir / glob of llm.c or .npy shards; --data
+    val: str = ""  # glob of validation shards for a manifest-less --data ("" = files named *_val_*)
     dataset: str = "fineweb_edu_10b"  # name for automatic `gptlab prepare` when dir has no manifest
     input: str = ""  # local file/glob passed to prepare (e.g. tinyshakespeare.txt)
     tokenizer: str = ""  # tokenizer for automatic prepare ("" = the dataset's own)

@@ -246,9 +246,11 @@ def build(cfg: TrainConfig, info: gdist.DistInfo, device: torch.device) -> Train
 
     # ---- training data, evals
     from gptlab.data.loader import TokenLoader
+    from gptlab.data.shards import split_source
     from gptlab.tokenizer import from_spec
 
-    train_data = Prefetcher(TokenLoader(data_dir, "train", cfg.batch.micro_batch, cfg.seq_len, rank=info.rank,
+    train_data = Prefetcher(TokenLoader(split_source(data_dir, "train", cfg.data.val or None), "train",
+                                        cfg.batch.micro_batch, cfg.seq_len, rank=info.rank,
                                         world_size=info.world_size, shuffle=cfg.data.shuffle, seed=cfg.data.seed,
                                         device=device))
     eval_ctx = EvalContext(cfg=cfg, info=info, parallel=parallel, device=device, dtype=dtype, data_dir=data_dir,

@@ -25,7 +25,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     lo = add_parser(esub, "loss", run_loss,
                     help="mean validation loss over the first N tokens of a prepared dataset")
     lo.add_argument("--init", required=True, help=SRC_HELP)
-    lo.add_argument("--data", required=True, help="prepared dataset directory")
+    lo.add_argument("--data", required=True, help="prepared dataset directory, or a directory or quoted glob of "
+                                                   "llm.c / build-nanogpt shards (val: files named *_val_*)")
+    lo.add_argument("--val", default=None, metavar="GLOB", help="validation shards of a manifest-less --data")
     lo.add_argument("--split", default="val")
     lo.add_argument("--tokens", type=int, default=None, help="number of validation tokens (default: all, up to 10M)")
     lo.add_argument("--seq-len", type=int, default=None, help="sequence length (default: the model's context)")
@@ -77,16 +79,16 @@ def run_hellaswag(args: argparse.Namespace) -> int:
 
 def run_loss(args: argparse.Namespace) -> int:
     """``gptlab eval loss --init SRC --data DIR [--tokens N] [--seq-len T] [--json]``."""
-    from gptlab.data.shards import read_manifest
+    from gptlab.data.shards import open_manifest
     from gptlab.evals.loss import evaluate_loss
     from gptlab.loading import load_model
     from gptlab.runtime import resolve_device, resolve_dtype
 
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
-    read_manifest(args.data)  # a bad --data fails before the (possibly slow) model load
+    open_manifest(args.data, args.val)  # a bad --data fails before the (possibly slow) model load
     model, tokenizer = load_model(args.init, device=device)
-    res = evaluate_loss(model, args.data, split=args.split, tokens=args.tokens, seq_len=args.seq_len,
+    res = evaluate_loss(model, args.data, split=args.split, val=args.val, tokens=args.tokens, seq_len=args.seq_len,
                         batch_size=args.batch_size, device=device, dtype=dtype, tokenizer=tokenizer,
                         progress=not args.json)
     res = {"task": "loss", "init": args.init, **res, "device": str(device), "dtype": str(dtype).removeprefix("torch.")}

@@ -25,7 +25,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--field", default="text", help="jsonl: the field holding the text")
     p.add_argument("--tokenizer", default=None, help="gpt2 or char (default: the dataset's own)")
     p.add_argument("--max-docs", type=int, default=None, help="stop after this many documents")
-    p.add_argument("--verify", metavar="DIR", help="re-check a prepared dataset directory and exit")
+    p.add_argument("--layout", default="gptlab", choices=["gptlab", "llmc"],
+                   help="shakespeare only: llmc = llm.c's token stream and split (an <|endoftext|> before each "
+                        "blank-line section, the first 32,768 tokens as val), byte for byte")
+    p.add_argument("--verify", metavar="DIR", help="re-check a prepared dataset directory, or a directory or "
+                                                   "quoted glob of llm.c / build-nanogpt shards, and exit")
     p.add_argument("--overwrite", action="store_true", help="replace an existing prepared dataset in --out")
     json_arg(p)
 
@@ -56,6 +60,7 @@ def run(args: argparse.Namespace) -> int:
     res = prepare_dataset(args.name, input=args.input, out=args.out, workers=args.workers,
                           shard_tokens=args.shard_tokens, val_fraction=args.val_fraction, field=args.field,
                           tokenizer=args.tokenizer, max_docs=args.max_docs, overwrite=args.overwrite,
+                          layout=args.layout,
                           progress=not as_json or sys.stderr.isatty())
     for w in res["warnings"]:
         print(f"gptlab prepare: warning: {w}", file=sys.stderr)

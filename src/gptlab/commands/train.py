@@ -24,7 +24,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    description="Train from a recipe (configs/NAME.toml or a TOML file). Any config key can be "
                                "set with --section.key=value, e.g. --model.n_layer=6 --optim.lr=1e-3.")
     p.add_argument("--config", default=None, help=f"recipe name ({', '.join(_recipe_names())}) or a TOML file")
-    p.add_argument("--data", help="prepared dataset directory (from gptlab prepare)")
+    p.add_argument("--data", help="prepared dataset directory (from gptlab prepare), or a directory or quoted glob "
+                                  "of llm.c / modded-nanogpt .bin or build-nanogpt .npy shards (val: *_val_* "
+                                  "names, or --data.val GLOB)")
     p.add_argument("--out", help="run directory (default: runs/<config name>)")
     p.add_argument("--max-steps", type=int, help="optimizer steps to run")
     p.add_argument("--resume", choices=["auto", "never"], default=None,

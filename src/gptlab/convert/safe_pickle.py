@@ -91,7 +91,8 @@ def load_torch_file(path: str | os.PathLike) -> Any:
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()
         what = next((ln.strip() for ln in first if "GLOBAL" in ln or "Unsupported" in ln), first[0] if first else "")
-        raise UnsafePickleError(f"{p}: refuses to load: the file names code, not just data ({what}); gptlab "
-                                f"loads checkpoints with torch.load(weights_only=True) and never runs their code") from None
+        raise UnsafePickleError(f"{p}: refuses to load: the file names code, not just data ({what}); gptlab loads "
+                                f"checkpoints with torch.load(weights_only=True) and never runs their code") from None
     except (RuntimeError, EOFError, OSError) as e:
-        raise GptlabError(f"{p}: not a readable PyTorch file ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise GptlabError(f"{p}: not a readable PyTorch file ({reason})") from None

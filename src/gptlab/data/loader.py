@@ -41,13 +41,16 @@ def _resolve_files(data: str | os.PathLike | Sequence[str | os.PathLike], split:
                    ) -> tuple[list[Path], list[int], dict[str, Any] | None, str]:
     """(paths, token counts, manifest or None, description) for a dataset dir, a glob or a list of .bin files."""
     if isinstance(data, (str, os.PathLike)) and Path(data).is_dir():
-        m = S.read_manifest(data)
+        m = S.open_manifest(data)  # a prepared dataset, or a directory of llm.c / build-nanogpt shards
         entries = [s for s in m["shards"] if s["split"] == split]
         if not entries:
             have = sorted({s["split"] for s in m["shards"]})
-            raise LoaderError(f"{data}: no {split!r} split in manifest.json (splits: {', '.join(have) or 'none'}); "
-                              f"re-run gptlab prepare with --val-fraction to make one")
-        paths = [Path(data) / s["file"] for s in entries]
+            prepared = m["source"].get("manifest", True)
+            fix = ("re-run gptlab prepare with --val-fraction to make one" if prepared
+                   else "name validation shards *_val_* or pass --data.val GLOB")
+            raise LoaderError(f"{data}: no {split!r} split {'in manifest.json' if prepared else 'among its shards'} "
+                              f"(splits: {', '.join(have) or 'none'}); {fix}")
+        paths = S.shard_paths(data, split, m)
         counts = []
         for p, s in zip(paths, entries):
             n, _ = S.read_header(p)

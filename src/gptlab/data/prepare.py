@@ -191,13 +191,24 @@ def _char_vocab(make_docs: Callable[[], Iterator[sources.Document]]) -> CharToke
     return CharTokenizer(sorted(chars))
 
 
-def _resolve_out(name: str, out: str | os.PathLike | None, overwrite: bool) -> Path:
+def _resolve_out(name: str, out: str | os.PathLike | None, overwrite: bool,
+                 own: Callable[[str], bool] | None = None) -> Path:
+    """The output dir, cleared of a previous prepared dataset with ``overwrite``. Shard files this
+    prepare would not write (``own(file_name)`` false), such as llm.c's, make it an error: a dataset
+    prepared beside them would be mistaken for them, or they for it."""
     out_dir = Path(out).expanduser() if out else sources.default_data_dir(name)
     manifest = out_dir / S.MANIFEST
+    if manifest.exists() and not overwrite:
+        raise PrepareError(f"{out_dir}: already holds a prepared dataset (manifest.json); pass --overwrite to "
+                           f"replace it, or choose another --out")
+    own = own or (lambda f: f.startswith(f"{name}_train_") or f.startswith(f"{name}_val_"))
+    stray = [p.name for p in S.foreign_shard_files(out_dir) if not own(p.name)]
+    if stray:
+        shown = ", ".join(stray[:3]) + (f" (+{len(stray) - 3} more)" if len(stray) > 3 else "")
+        raise PrepareError(f"--out {out_dir}: holds token shards this prepare did not write ({shown}); "
+                           f"a dataset is never prepared beside other shards: choose another --out (to use those "
+                           f"shards as they are, pass the directory or a glob as --data)")
     if manifest.exists():
-        if not overwrite:
-            raise PrepareError(f"{out_dir}: already holds a prepared dataset (manifest.json); pass --overwrite to "
-                               f"replace it, or choose another --out")
         # The manifest goes first so an interrupted overwrite never leaves a dataset that lies.
         try:
             old = json.loads(manifest.read_text(encoding="utf-8"))
@@ -214,16 +225,78 @@ def _resolve_out(name: str, out: str | os.PathLike | None, overwrite: bool) -> P
     return out_dir
 
 
+# llm.c's dev/data/tinyshakespeare.py: an EOT before every blank-line-separated section, the first 32,768
+# tokens are val; its files are named so that llm.c's trainer finds them.
+LLMC_SHAKESPEARE_VAL_TOKENS = 32_768
+LLMC_SHAKESPEARE_FILES = {"val": "tiny_shakespeare_val.bin", "train": "tiny_shakespeare_train.bin"}
+
+
+def llmc_shakespeare_tokens(text: str, tok: GPT2Tokenizer) -> np.ndarray:
+    """llm.c's Tiny Shakespeare token stream: each ``\n\n``-separated section is a document that starts
+    with ``<|endoftext|>`` and keeps its trailing ``\n\n`` (all but the last section)."""
+    sections = text.split("\n\n")
+    pieces = [s + "\n\n" if i < len(sections) - 1 else s for i, s in enumerate(sections)]
+    encoded = tok.enc.encode_ordinary_batch(pieces)
+    out = np.empty(sum(len(e) + 1 for e in encoded), dtype=np.uint16)
+    pos = 0
+    for e in encoded:
+        out[pos] = tok.eot_id
+        out[pos + 1:pos + 1 + len(e)] = e
+        pos += len(e) + 1
+    return out
+
+
+def _prepare_llmc_shakespeare(name: str, *, input: str | os.PathLike | None, out: str | os.PathLike | None,
+                              overwrite: bool) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    info = sources.get_dataset(name)
+    text, source_info = sources.shakespeare_text(info, input)
+    tok = GPT2Tokenizer()
+    tokens = llmc_shakespeare_tokens(text, tok)
+    out_dir = _resolve_out(name, out, overwrite, own=lambda f: f in LLMC_SHAKESPEARE_FILES.values())
+    n_val = LLMC_SHAKESPEARE_VAL_TOKENS
+    if tokens.size <= n_val:
+        raise PrepareError(f"{name}: {tokens.size:,} tokens; llm.c's layout needs more than {n_val:,} (its val split)")
+    entries = []
+    for split, part in (("val", tokens[:n_val]), ("train", tokens[n_val:])):
+        f = LLMC_SHAKESPEARE_FILES[split]
+        entries.append({"file": f, "split": split, "tokens": int(part.size),
+                        "sha256": S.write_shard(out_dir / f, part, tok.vocab_size)})
+    docs = int((tokens == tok.eot_id).sum())
+    manifest = S.build_manifest(dataset=name, tokenizer_spec=tok.spec(), vocab_size=tok.vocab_size, eot_id=tok.eot_id,
+                                shards=entries, source={**source_info, "layout": "llmc", "val_rule": "first_tokens",
+                                                        "val_tokens": n_val},
+                                extra={"documents": docs, "layout": "llmc"})
+    S.write_manifest(out_dir, manifest)
+    seconds = time.perf_counter() - t0
+    return {"dataset": name, "out": str(out_dir), "tokenizer": "gpt2", "vocab_size": tok.vocab_size,
+            "eot_id": tok.eot_id, "val_rule": "first_tokens", "layout": "llmc", "documents": docs,
+            "splits": {sp: {"tokens": e["tokens"], "shards": [e["file"]]} for sp, e in
+                       ((e["split"], e) for e in entries)},
+            "seconds": round(seconds, 4), "tokens_per_s": round(tokens.size / max(seconds, 1e-9), 1), "workers": 1,
+            "warnings": []}
+
+
 def prepare_dataset(name: str, *, input: str | os.PathLike | None = None, out: str | os.PathLike | None = None,
                     workers: int = 0, shard_tokens: int = 100_000_000, val_fraction: float | None = None,
                     field: str = "text", tokenizer: str | None = None, max_docs: int | None = None,
-                    overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
+                    overwrite: bool = False, progress: bool = True, layout: str = "gptlab") -> dict[str, Any]:
     """Tokenize dataset ``name`` into shards under ``out`` and write ``manifest.json``; return a summary.
+
+    ``layout="llmc"`` (``shakespeare`` only) writes llm.c's Tiny Shakespeare stream and split byte for
+    byte instead of nanoGPT's (see :func:`llmc_shakespeare_tokens`).
 
     The summary: ``{"dataset", "out", "tokenizer", "vocab_size", "eot_id", "val_rule", "documents",
     "splits": {split: {"tokens", "shards": [file, ...], "documents"}}, "seconds", "tokens_per_s", "workers"}``.
     """
     info = sources.get_dataset(name)
+    if layout not in ("gptlab", "llmc"):
+        raise PrepareError(f"--layout {layout!r}: expected 'gptlab' or 'llmc'")
+    if layout == "llmc":
+        if name != "shakespeare" or tokenizer not in (None, "gpt2") or val_fraction is not None:
+            raise PrepareError(f"--layout llmc: only for `prepare shakespeare` (GPT-2 BPE, llm.c's fixed 32,768 val "
+                               f"tokens), without --tokenizer or --val-fraction")
+        return _prepare_llmc_shakespeare(name, input=input, out=out, overwrite=overwrite)
     if not 1 <= shard_tokens <= S.MAX_SHARD_TOKENS:
         raise PrepareError(f"--shard-tokens {shard_tokens}: must be between 1 and {S.MAX_SHARD_TOKENS}")
     if val_fraction is not None and not 0.0 <= val_fraction < 1.0:

@@ -6,6 +6,11 @@ then the tokens. GPT-2-sized vocabularies use uint16 tokens (magic 20240520, ver
 use uint32 under llm.c's own LLaMA-3 magic/version (20240801, 7), so a reader can never mistake one
 for the other. See https://github.com/karpathy/llm.c/blob/master/dev/data/data_common.py.
 
+Shards from elsewhere need no manifest: a directory or glob of llm.c / modded-nanogpt ``.bin`` files,
+or of build-nanogpt's ``.npy`` files (``np.save`` of a uint16 array), is read through
+:func:`foreign_manifest`, which checks every header and takes the split from the file names
+(``..._val_...``) or from a validation glob.
+
 ``manifest.json`` beside the shards names the tokenizer, vocabulary size, EOT id and, per shard, its
 split, token count and SHA-256. It is written last and atomically: a directory without a manifest is
 not a dataset.
@@ -13,9 +18,11 @@ not a dataset.
 
 from __future__ import annotations
 
+import glob as globlib
 import hashlib
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Iterable
@@ -93,9 +100,27 @@ def write_shard(path: str | os.PathLike, tokens: Any, vocab_size: int) -> str:
     return h.hexdigest()
 
 
+def _npy_header(path: Path) -> tuple[int, np.dtype]:
+    """(count, dtype) of a build-nanogpt ``.npy`` shard: a 1-D uint16/uint32 array, no pickled objects."""
+    try:
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    except FileNotFoundError:
+        raise ShardError(f"{path}: shard file not found") from None
+    except (ValueError, OSError) as e:
+        raise ShardError(f"{path}: not a readable .npy token shard ({e})") from None
+    if arr.ndim != 1 or arr.dtype.kind != "u" or arr.dtype.itemsize not in (2, 4):
+        raise ShardError(f"{path}: a .npy shard must be a 1-D uint16 or uint32 array of token ids, "
+                         f"got {arr.dtype} with shape {arr.shape}")
+    return int(arr.shape[0]), arr.dtype
+
+
 def read_header(path: str | os.PathLike) -> tuple[int, np.dtype]:
-    """Check a shard's magic, version and file size; return ``(token_count, dtype)``."""
+    """Check a shard's magic, version and file size; return ``(token_count, dtype)``.
+
+    A ``.npy`` file (build-nanogpt's shards) is checked as a 1-D unsigned array instead."""
     path = Path(path)
+    if path.suffix == ".npy":
+        return _npy_header(path)
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -131,6 +156,8 @@ def read_shard(path: str | os.PathLike) -> np.memmap:
     count, dtype = read_header(path)
     if count == 0:
         return np.zeros(0, dtype=dtype)  # type: ignore[return-value]  # mmap cannot map 0 bytes
+    if Path(path).suffix == ".npy":
+        return np.load(path, mmap_mode="r", allow_pickle=False)
     return np.memmap(path, dtype=dtype, mode="r", offset=HEADER_BYTES, shape=(count,))
 
 
@@ -243,9 +270,113 @@ def read_manifest(data_dir: str | os.PathLike) -> dict[str, Any]:
 
 
 def shard_paths(data_dir: str | os.PathLike, split: str, manifest: dict[str, Any] | None = None) -> list[Path]:
-    """Paths of ``split``'s shards in manifest order."""
-    m = manifest if manifest is not None else read_manifest(data_dir)
-    return [Path(data_dir) / s["file"] for s in m["shards"] if s["split"] == split]
+    """Paths of ``split``'s shards in manifest order (a manifest-less set's entries carry their own path)."""
+    m = manifest if manifest is not None else open_manifest(data_dir)
+    return [Path(s["path"]) if s.get("path") else Path(data_dir) / s["file"] for s in m["shards"]
+            if s["split"] == split]
+
+
+# --------------------------------------------------------------------------- shards without a manifest
+
+SHARD_SUFFIXES = (".bin", ".npy")
+_VAL_NAME = re.compile(r"(^|[_.-])val([_.-]|$)")
+_GLOB_CHARS = re.compile(r"[*?\[]")
+# Token width -> (tokenizer spec, vocabulary, EOT id) for shards that do not say: llm.c writes uint16
+# only for GPT-2 (magic 20240520) and uint32 for LLaMA-3 (20240801), which gptlab has no tokenizer for.
+_GPT2 = ({"type": "gpt2"}, 50257, 50256)
+
+
+def is_glob(spec: str | os.PathLike) -> bool:
+    return bool(_GLOB_CHARS.search(str(spec)))
+
+
+def is_val_name(path: str | os.PathLike) -> bool:
+    """llm.c / modded-nanogpt / build-nanogpt name their validation shards ``*_val_*`` (``tiny_shakespeare_val.bin``)."""
+    return bool(_VAL_NAME.search(Path(path).stem))
+
+
+def foreign_shard_files(d: str | os.PathLike) -> list[Path]:
+    """Token shard files in ``d`` (``*.bin``, ``*.npy``; hidden files skipped) that a manifest there does not list."""
+    d = Path(d)
+    if not d.is_dir():
+        return []
+    listed: set[str] = set()
+    if (d / MANIFEST).is_file():
+        try:
+            listed = {s.get("file") for s in json.loads((d / MANIFEST).read_text(encoding="utf-8"))["shards"]}
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError, OSError):
+            listed = set()
+    return sorted(p for p in d.iterdir() if p.suffix in SHARD_SUFFIXES and p.is_file()
+                  and not p.name.startswith(".") and p.name not in listed)
+
+
+def _expand(spec: str) -> list[Path]:
+    p = Path(spec).expanduser()
+    if p.is_dir():
+        return foreign_shard_files(p)
+    return sorted(Path(x) for x in globlib.glob(str(p)) if Path(x).suffix in SHARD_SUFFIXES and Path(x).is_file())
+
+
+def foreign_manifest(spec: str | os.PathLike, val: str | os.PathLike | None = None) -> dict[str, Any]:
+    """A manifest-shaped dict for llm.c / modded-nanogpt ``.bin`` or build-nanogpt ``.npy`` shards without
+    ``manifest.json``: ``spec`` is their directory or a glob; the val split is ``val`` (a glob) when given,
+    else the files named ``*_val_*`` (with a glob naming ``train``, its ``val`` twin too). Every header
+    is checked; entries carry absolute paths and no SHA-256 (nothing recorded one)."""
+    spec = str(spec)
+    files = _expand(spec)
+    if not files:
+        raise ShardError(f"{spec}: no .bin or .npy token shards found (and no manifest.json): pass a prepared "
+                         f"dataset directory, a directory of llm.c / build-nanogpt shards, or a glob of them")
+    if val:
+        val_files = _expand(str(val))
+        if not val_files:
+            raise ShardError(f"--data.val {val}: matches no .bin or .npy shard")
+    else:
+        val_files = [f for f in files if is_val_name(f)]
+        if not val_files and is_glob(spec) and "train" in Path(spec).name:
+            val_files = [f for f in _expand(str(Path(spec).parent / Path(spec).name.replace("train", "val")))
+                         if is_val_name(f)]
+    val_set = {f.resolve() for f in val_files}
+    train_files = [f for f in files if f.resolve() not in val_set]
+    entries, dtypes = [], {}
+    for split, group in (("train", train_files), ("val", val_files)):
+        for f in group:
+            count, dtype = read_header(f)
+            dtypes.setdefault(dtype.itemsize, f)
+            entries.append({"file": f.name, "path": str(f.resolve()), "split": split, "tokens": count,
+                            "sha256": None})
+    if len(dtypes) > 1:
+        raise ShardError(f"{spec}: mixes uint16 shards ({dtypes[2]}) and uint32 shards ({dtypes[4]}); "
+                         f"they come from different tokenizers")
+    if 4 in dtypes:
+        raise ShardError(f"{dtypes[4]}: uint32 (LLaMA-3) shards: gptlab has no tokenizer for them; use GPT-2 "
+                         f"(uint16) shards or prepare the text with gptlab prepare")
+    spec_tok, vocab, eot = _GPT2
+    return build_manifest(dataset=f"shards:{spec}", tokenizer_spec=spec_tok, vocab_size=vocab, eot_id=eot,
+                          shards=entries, source={"shards": spec, "val": str(val) if val else None,
+                                                  "manifest": False})
+
+
+def split_source(data: str | os.PathLike, split: str, val: str | os.PathLike | None = None) -> Path | list[Path]:
+    """What a :class:`gptlab.data.loader.TokenLoader` reads for ``split``: a prepared dataset dir as it is,
+    or the files of ``split`` of a manifest-less shard set (:func:`foreign_manifest`)."""
+    p = Path(data).expanduser()
+    if p.is_dir() and (p / MANIFEST).is_file():
+        return p
+    return shard_paths(data, split, foreign_manifest(data, val))
+
+
+def open_manifest(data: str | os.PathLike, val: str | os.PathLike | None = None) -> dict[str, Any]:
+    """The manifest of a prepared dataset dir, or :func:`foreign_manifest` for a glob or a directory of
+    shards that has none. ``val`` (a glob) applies to the latter only."""
+    p = Path(data).expanduser()
+    if p.is_dir() and (p / MANIFEST).is_file():
+        if val:
+            raise ShardError(f"--data.val {val}: {p} is a prepared dataset with its own val split; drop --data.val")
+        return read_manifest(p)
+    if is_glob(data) or (p.is_dir() and foreign_shard_files(p)):
+        return foreign_manifest(data, val)
+    return read_manifest(p)  # its error says what is missing
 
 
 def verify_dataset(data_dir: str | os.PathLike, *, check_hash: bool = True, check_tokens: bool = True) -> dict[str, Any]:
@@ -255,17 +386,17 @@ def verify_dataset(data_dir: str | os.PathLike, *, check_hash: bool = True, chec
     "shards_checked", "checked": [...]}``; the first problem raises :class:`ShardError` naming the file.
     """
     d = Path(data_dir)
-    m = read_manifest(d)
+    m = open_manifest(data_dir)
     vocab = int(m["vocab_size"])
     splits: dict[str, dict[str, int]] = {}
     for s in m["shards"]:
-        path = d / s["file"]
+        path = Path(s["path"]) if s.get("path") else d / s["file"]
         count, dtype = read_header(path)
         if count != int(s["tokens"]):
             raise ShardError(f"{path}: header has {count} tokens but manifest.json says {s['tokens']}")
         if dtype != token_dtype(vocab):
             raise ShardError(f"{path}: {dtype.name} tokens but the vocabulary size {vocab} needs {token_dtype(vocab).name}")
-        if check_hash:
+        if check_hash and s["sha256"] is not None:  # manifest-less shards have none to compare
             got = file_sha256(path)
             if got != s["sha256"]:
                 raise ShardError(f"{path}: sha256 {got} does not match manifest.json ({s['sha256']}): the file "
@@ -275,7 +406,8 @@ def verify_dataset(data_dir: str | os.PathLike, *, check_hash: bool = True, chec
         sp = splits.setdefault(s["split"], {"tokens": 0, "shards": 0})
         sp["tokens"] += count
         sp["shards"] += 1
-    checked = [c for c, on in (("header", True), ("sha256", check_hash), ("token_range", check_tokens)) if on]
+    hashed = check_hash and all(s["sha256"] is not None for s in m["shards"])
+    checked = [c for c, on in (("header", True), ("sha256", hashed), ("token_range", check_tokens)) if on]
     return {"dir": str(d), "ok": True, "dataset": m.get("dataset"), "vocab_size": vocab, "splits": splits,
             "shards_checked": len(m["shards"]), "checked": checked}
 

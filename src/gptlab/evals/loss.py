@@ -1,4 +1,5 @@
-"""Validation loss of any model (gptlab run, Hugging Face dir, Hub name) on a prepared dataset.
+"""Validation loss of any model (gptlab run, Hugging Face dir, Hub name, ...) on a prepared dataset, or on
+llm.c / build-nanogpt shards without a manifest (a directory or glob; see :func:`gptlab.data.shards.open_manifest`).
 
 The windows are exactly the sequences :class:`gptlab.data.loader.TokenLoader` reads from the split,
 in order, so this number and the trainer's ``val_loss`` look at the same text: the split's shards are
@@ -63,6 +64,7 @@ def _windows(data_dir: Path, split: str, manifest: dict[str, Any], T: int) -> li
 
 @torch.no_grad()
 def evaluate_loss(model: torch.nn.Module, data_dir: str | os.PathLike, *, split: str = "val",
+                  val: str | None = None,
                   tokens: int | None = None, seq_len: int | None = None, batch_size: int = 8,
                   device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                   tokenizer: Any | None = None, progress: bool = False) -> dict[str, Any]:
@@ -75,13 +77,13 @@ def evaluate_loss(model: torch.nn.Module, data_dir: str | os.PathLike, *, split:
     """
     from tqdm import tqdm
 
-    from gptlab.data.shards import read_manifest
+    from gptlab.data.shards import open_manifest
     from gptlab.runtime import autocast
 
     t0 = time.perf_counter()
     data_dir = Path(data_dir)
     device = torch.device(device)
-    manifest = read_manifest(data_dir)
+    manifest = open_manifest(data_dir, val)
     cfg = unwrap_model(model).config
     check_tokenizer(manifest, cfg.vocab_size, tokenizer, str(data_dir))
     T = int(seq_len or cfg.block_size)
@@ -167,15 +169,18 @@ class ValLoss(Eval):
 
     def __init__(self, ctx: EvalContext) -> None:
         from gptlab.data.loader import LoaderError, TokenLoader
+        from gptlab.data.shards import split_source
 
         cfg, info = ctx.cfg, ctx.info
         try:
-            self.loader = TokenLoader(ctx.data_dir, "val", cfg.batch.micro_batch, cfg.seq_len, rank=info.rank,
+            self.loader = TokenLoader(split_source(ctx.data_dir, "val", cfg.data.val or None), "val",
+                                      cfg.batch.micro_batch, cfg.seq_len, rank=info.rank,
                                       world_size=info.world_size, shuffle=False, seed=0, device=ctx.device)
         except LoaderError as e:
-            from gptlab.data.shards import read_manifest
+            from gptlab.data.shards import open_manifest
 
-            total = sum(int(s["tokens"]) for s in read_manifest(ctx.data_dir)["shards"] if s["split"] == "val")
+            total = sum(int(s["tokens"]) for s in open_manifest(ctx.data_dir, cfg.data.val or None)["shards"]
+                        if s["split"] == "val")
             raise EvalOff(f"validation is off: the val split ({total:,} tokens) is unusable: {e}") from None
         avail = self.loader.batches_per_epoch
         per_batch = cfg.batch.micro_batch * cfg.seq_len * info.world_size

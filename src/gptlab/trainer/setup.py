@@ -112,9 +112,20 @@ def resolve_data_dir(cfg: TrainConfig) -> Path:
 
 
 def prepare_data(cfg: TrainConfig, data_dir: Path) -> dict[str, Any]:
-    """The manifest of ``data_dir``, preparing ``data.dataset`` there first when it has none (rank 0)."""
-    from gptlab.data.shards import read_manifest
+    """The manifest of ``data_dir``, preparing ``data.dataset`` there first when it has none (rank 0).
 
+    A glob, or a directory of llm.c / build-nanogpt shards without a manifest, is used as it is
+    (:func:`gptlab.data.shards.open_manifest`); nothing is ever prepared beside such shards."""
+    from gptlab.data.shards import foreign_shard_files, is_glob, open_manifest, read_manifest
+
+    if not (data_dir / "manifest.json").is_file() and (is_glob(data_dir) or foreign_shard_files(data_dir)):
+        if cfg.data.input:
+            raise GptlabError(f"{data_dir}: holds token shards that gptlab prepare did not write, so --data.input "
+                              f"{cfg.data.input} will not be prepared there; pass a new directory as --data for it, "
+                              f"or drop --data.input to train on those shards")
+        return open_manifest(data_dir, cfg.data.val or None)
+    if cfg.data.val:
+        raise GptlabError(f"--data.val {cfg.data.val}: only for a glob or directory of shards without manifest.json")
     if not (data_dir / "manifest.json").is_file():
         if not cfg.data.dataset:
             raise GptlabError(f"{data_dir}: no manifest.json; run `gptlab prepare` or set data.dataset")
