@@ -47,7 +47,7 @@ def hf_model():
 
 @pytest.fixture(scope="module")
 def model(hf_model):
-    from gptlab.hf import from_hf_model
+    from gptlab.loading import from_hf_model
 
     return from_hf_model(hf_model, device="cpu").eval()
 

@@ -11,7 +11,7 @@ transformers = pytest.importorskip("transformers")
 
 from gptlab import hf  # noqa: E402
 from gptlab.convert.hf_base import expected_hf_shapes  # noqa: E402
-from gptlab.loading import load_model, materialize  # noqa: E402
+from gptlab.loading import from_hf_model, load_model, materialize  # noqa: E402
 from gptlab.cli import main  # noqa: E402
 from gptlab.config import MODERN_ARCH, ModelConfig  # noqa: E402
 from gptlab.errors import GptlabError  # noqa: E402
@@ -263,7 +263,7 @@ def test_to_hf_model_and_back_in_memory():
     x = _tokens()
     with torch.no_grad():
         assert (model(x)[0] - ref(x).logits).abs().max().item() <= 1e-5
-    back = hf.from_hf_model(ref)
+    back = from_hf_model(ref)
     for k, v in model.state_dict().items():
         assert torch.equal(v, back.state_dict()[k]), k
 

@@ -478,3 +478,22 @@ def test_prepare_shakespeare_llmc_layout_reproduces_llmc_counts(tmp_path, capsys
         assert tok.decode(stream[starts[i] + 1:end].tolist()) == want
     assert tok.decode(stream[~eot].tolist()) == text
     assert main(["prepare", "--verify", str(out)]) == 0
+
+
+def test_train_from_a_nanogpt_checkpoint_resumes(tmp_path, llmc_data, capsys):
+    """The architecture of --init (bias-free, exact GELU, padded vocab) is the run's; a resume accepts it."""
+    from gptlab.checkpoint import list_checkpoints
+    from gptlab.loading import load_checkpoint
+
+    d, _ = llmc_data
+    src, _ = _nanogpt_run(tmp_path, bias=False, vocab=50304, with_meta=False)
+    out = tmp_path / "run"
+    args = ["train", "--data", str(d), "--init", str(src), "--out", str(out), "--eval-every", "0",
+            "--batch.batch_tokens=64", "--batch.micro_batch=4", "--batch.seq_len=16", "--checkpoint-every", "2",
+            "--eval.sample_every=0", "--logging.progress=false", "--system.device=cpu"]
+    assert main([*args, "--max-steps", "2"]) == 0, capsys.readouterr().err[-2000:]
+    assert main([*args, "--max-steps", "3", "--resume", "auto"]) == 0, capsys.readouterr().err[-2000:]
+    assert [p.name for p in list_checkpoints(out)][-1] == "step_00000003"
+    model, tok, _ = load_checkpoint(out)
+    assert (model.config.gelu, model.config.bias, model.config.padded_vocab_size) == ("erf", False, 50304)
+    assert isinstance(tok, GPT2Tokenizer)

@@ -122,3 +122,20 @@ def test_offline_hub_error_says_what_to_do(monkeypatch):
         loading.load_model("gpt2")
     msg = str(e.value)
     assert "openai-community/gpt2" in msg and "local directory" in msg and "\n" not in msg
+
+
+def test_loading_and_hf_do_not_import_each_other(tmp_path):
+    """Reading an HF dir needs only the adapters; exporting needs no loader (no import cycle)."""
+    import os
+    import subprocess
+    import sys
+
+    hf.export_hf(_tiny(), CharTokenizer([chr(i) for i in range(256)]), tmp_path / "m")
+    load = "import sys, gptlab.loading as l; l.load_model(sys.argv[1]); print('gptlab.hf' in sys.modules)"
+    export = ("import sys, gptlab.hf as h; from gptlab.model import GPT; from gptlab.config import ModelConfig; "
+              "h.export_hf(GPT(ModelConfig.from_preset('tiny')), None, sys.argv[1]); "
+              "print('gptlab.loading' in sys.modules)")
+    for code, arg in ((load, tmp_path / "m"), (export, tmp_path / "e")):
+        out = subprocess.run([sys.executable, "-c", code, str(arg)], capture_output=True, text=True, timeout=120,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert out.stdout.strip() == "False", out.stderr[-2000:]

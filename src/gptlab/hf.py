@@ -1,8 +1,8 @@
-"""Hugging Face export, and in-memory conversion to and from ``transformers`` models.
+"""Hugging Face export, and in-memory conversion to ``transformers`` models.
 
-The mappings live in :mod:`gptlab.convert` (one adapter per family: GPT-2, Llama, Qwen3); reading
-HF directories and the Hub is :mod:`gptlab.loading`'s job. An export is refused unless the model's
-config survives the trip to the family's ``config.json`` and back unchanged.
+The mappings live in :mod:`gptlab.convert` (one adapter per family: GPT-2, Llama, Qwen3); reading HF
+directories, the Hub and in-memory ``transformers`` models is :mod:`gptlab.loading`'s job. An export is
+refused unless the model's config survives the trip to the family's ``config.json`` and back unchanged.
 """
 
 from __future__ import annotations
@@ -139,14 +139,3 @@ def to_hf_model(model):
         hf.tie_weights()
     p = next(model.parameters())
     return hf.to(device=p.device, dtype=p.dtype).eval()
-
-
-def from_hf_model(hf_model, device: torch.device | str | None = None):
-    """A gptlab GPT with the weights of an in-memory ``transformers`` gpt2/llama/qwen3 model."""
-    from gptlab.loading import materialize
-
-    where = type(hf_model).__name__
-    config = config_from_hf(hf_model.config.to_dict(), where=where)
-    state = from_hf_state_dict(hf_model.state_dict(), config, where=where)
-    p = next(hf_model.parameters())
-    return materialize(config, state, device=device or p.device, dtype=p.dtype, where=where)

@@ -261,6 +261,17 @@ def load_model(src: str | os.PathLike, device: torch.device | str = "cpu", dtype
     return materialize(config, source.state, device=device, dtype=dtype, where=source.where), source.tokenizer
 
 
+def from_hf_model(hf_model, device: torch.device | str | None = None):
+    """A gptlab GPT with the weights of an in-memory ``transformers`` gpt2/llama/qwen3 model."""
+    from gptlab.convert.hf_base import config_from_hf, from_hf_state_dict
+
+    where = type(hf_model).__name__
+    config = config_from_hf(hf_model.config.to_dict(), where=where)
+    state = from_hf_state_dict(hf_model.state_dict(), config, where=where)
+    p = next(hf_model.parameters())
+    return materialize(config, state, device=device or p.device, dtype=p.dtype, where=where)
+
+
 def load_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu"):
     """``(GPT, Tokenizer | None, meta)`` from a gptlab run dir (its newest complete checkpoint) or checkpoint dir."""
     source = read_gptlab_checkpoint(path)
