@@ -40,6 +40,12 @@ def device_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps, or auto (best available)")
 
 
+def quantize_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quantize", choices=["int8"], default=None,
+                   help="int8 weight-only quantization (per-output-channel scales): a quarter of the weight bytes "
+                        "read per decoded token")
+
+
 def json_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout (human text goes to stderr)")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from gptlab.commands import SRC_HELP, add_parser, device_arg, emit, json_arg
+from gptlab.commands import SRC_HELP, add_parser, device_arg, emit, json_arg, quantize_arg
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -32,6 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--prompt-tokens", type=int, default=16)
     g.add_argument("--new-tokens", type=int, default=128)
     g.add_argument("--dtype", default="auto")
+    quantize_arg(g)
     g.add_argument("--compile", action="store_true")
     g.add_argument("--vs-hf", action="store_true", help="also time transformers' generate")
     g.add_argument("--no-cache-baseline", action="store_true", help="also time the no-KV-cache loop")
@@ -95,7 +96,8 @@ def run_train(args: argparse.Namespace) -> int:
 def _fmt_generate(r: dict[str, Any]) -> list[str]:
     lines = [f"device: {r['device_name']} ({r['device']}), torch {r['torch_version']}, dtype {r['dtype']}, "
              f"threads {r['num_threads']}, load {r['loadavg']}",
-             f"model {r['model']} ({r['weights']}): {r['n_params'] / 1e6:.2f}M params, batch {r['batch']}, "
+             f"model {r['model']} ({r['weights']}{', ' + r['quantize'] if r.get('quantize') else ''}): "
+             f"{r['n_params'] / 1e6:.2f}M params, batch {r['batch']}, "
              f"prompt {r['prompt_tokens']} + {r['new_tokens']} new tokens",
              f"gptlab (KV cache): {r['tokens_per_s']:,.1f} tokens/s ({r['ms_per_token']:.2f} ms/token)"
              + (f", {100 * r['memory_bandwidth_utilization']:.1f}% of HBM bandwidth"
@@ -115,6 +117,7 @@ def run_generate(args: argparse.Namespace) -> int:
 
     r = bench_generate(args.model, batch=args.batch, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
                        rounds=getattr(args, "rounds", 3), dtype=args.dtype, compile=args.compile,
+                       quantize=getattr(args, "quantize", None),
                        vs_hf=args.vs_hf, no_cache_baseline=args.no_cache_baseline,
                        overrides=getattr(args, "set", None), device=args.device, quiet=args.json)
     emit(r, args.json, _fmt_generate(r))

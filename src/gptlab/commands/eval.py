@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from gptlab.commands import SRC_HELP, add_parser, device_arg, json_arg
+from gptlab.commands import SRC_HELP, add_parser, device_arg, json_arg, quantize_arg
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -33,6 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     lo.add_argument("--seq-len", type=int, default=None, help="sequence length (default: the model's context)")
     lo.add_argument("--batch-size", type=int, default=8)
     lo.add_argument("--dtype", default="auto")
+    quantize_arg(lo)
     device_arg(lo)
     json_arg(lo)
 
@@ -88,10 +89,15 @@ def run_loss(args: argparse.Namespace) -> int:
     dtype = resolve_dtype(args.dtype, device)
     open_manifest(args.data, args.val)  # a bad --data fails before the (possibly slow) model load
     model, tokenizer = load_model(args.init, device=device)
+    if args.quantize:
+        from gptlab.quantize import quantize_model
+
+        quantize_model(model, args.quantize)
     res = evaluate_loss(model, args.data, split=args.split, val=args.val, tokens=args.tokens, seq_len=args.seq_len,
                         batch_size=args.batch_size, device=device, dtype=dtype, tokenizer=tokenizer,
                         progress=not args.json)
-    res = {"task": "loss", "init": args.init, **res, "device": str(device), "dtype": str(dtype).removeprefix("torch.")}
+    res = {"task": "loss", "init": args.init, **res, "device": str(device), "dtype": str(dtype).removeprefix("torch."),
+           "quantize": args.quantize}
     if args.json:
         print(json.dumps(res))
     else:

@@ -7,7 +7,7 @@ import json
 import sys
 import time
 
-from gptlab.commands import SRC_HELP, add_parser, device_arg, json_arg
+from gptlab.commands import SRC_HELP, add_parser, device_arg, json_arg, quantize_arg
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -28,6 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-kv-cache", action="store_true", help="recompute the whole context every step")
     p.add_argument("--stream", action="store_true", help="print text as it is produced (one sample at a time)")
     p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto")
+    quantize_arg(p)
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the one-token decode step over a static-shape KV cache "
                         "(captured as a CUDA graph on GPU)")
@@ -54,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     text = read_prompt(args.prompt)
     t0 = time.perf_counter()
     engine = Engine.load(args.init, device=args.device, dtype=args.dtype, compile=args.compile,
-                         max_batch=1 if args.stream else args.num_samples,
+                         quantize=args.quantize, max_batch=1 if args.stream else args.num_samples,
                          max_queue=args.num_samples, use_kv_cache=not args.no_kv_cache)
     if engine.tokenizer is None:
         raise GptlabError(f"--init {args.init}: no tokenizer found with the model; sampling needs one "
@@ -102,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
                           "prompt_tokens": len(prompt_ids), "new_tokens": new_tokens,
                           "finish_reasons": [c.finish_reason for c in completions], "seconds": round(gen_s, 4),
                           "load_seconds": round(load_s, 4), "tokens_per_s": tps, "device": str(engine.device),
-                          "dtype": str(engine.dtype).removeprefix("torch."),
+                          "dtype": str(engine.dtype).removeprefix("torch."), "quantize": args.quantize,
                           "kv_cache": not args.no_kv_cache, "seed": args.seed, "init": str(args.init)}))
     elif not args.stream:
         for n, s in enumerate(samples):
