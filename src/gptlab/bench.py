@@ -356,11 +356,23 @@ def _load_for_generate(model: str, overrides: Any, dev: torch.device, dt: torch.
 
 
 def decode_bytes_per_step(net: GPT, batch: int, context: float) -> float:
-    """Bytes one decode step reads from memory: every weight once (wpe only one row, ignored) plus the
-    K and V cache of ``context`` positions for every layer."""
+    """Bytes one decode step reads from memory: every linear layer's weights once (int8 ones with their
+    scales; a tied lm_head is the embedding table), norms, plus the K and V cache of ``context`` positions
+    for every layer. Embedding lookups read one row each, ignored."""
     cfg = net.config
-    elt = next(net.parameters()).element_size()
-    weights = sum(p.numel() for n, p in net.named_parameters() if not n.endswith("wpe.weight")) * elt
+    seen: set[int] = set()
+    weights = 0
+    for module in net.modules():
+        if isinstance(module, torch.nn.Embedding):
+            continue
+        for t in list(module.parameters(recurse=False)) + list(module.buffers(recurse=False)):
+            if id(t) in seen or t.dim() == 0 or not t.is_floating_point() and t.dtype != torch.int8:
+                continue
+            if module is net:  # rope tables: one row per step
+                continue
+            seen.add(id(t))
+            weights += t.numel() * t.element_size()
+    elt = net.transformer.wte.weight.element_size()  # the cache has the embeddings' dtype
     kv = 2 * cfg.n_layer * batch * cfg.kv_heads * cfg.head_dim * context * elt
     return weights + kv
 
