@@ -303,3 +303,13 @@ def test_cuda_graph_engine_matches_eager_on_cuda():
     # bf16: the whole-buffer attention may round differently; the first tokens must agree.
     assert [c.token_ids[:8] for c in out] == [c.token_ids[:8] for c in eager]
     torch._dynamo.reset()
+
+
+def test_generate_takes_one_parameter_set_per_prompt():
+    model = _model()
+    eng = Engine(model, _tok(), max_batch=2)
+    ps = [SamplingParams(max_tokens=6, temperature=1.0, seed=s, ignore_eot=True) for s in (1, 2)]
+    both = eng.generate(["ab", "ab"], ps)
+    assert [c.token_ids for c in both] == [eng.generate(["ab"], p)[0].token_ids for p in ps]
+    with pytest.raises(InvalidParams, match="2 prompts but 1"):
+        eng.generate(["ab", "cd"], ps[:1])

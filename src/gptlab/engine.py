@@ -368,19 +368,23 @@ class Engine:
             return self.tokenizer.encode(prompt)
         return list(prompt)
 
-    def generate(self, prompts: Sequence[str | Sequence[int]], params: SamplingParams | None = None
-                 ) -> list[Completion]:
+    def generate(self, prompts: Sequence[str | Sequence[int]],
+                 params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[Completion]:
         """Submit every prompt (text or token ids) and wait for all; drives the loop itself when the
-        scheduler thread is not started. Prompts beyond ``max_queue`` wait their turn."""
-        params = params or SamplingParams()
+        scheduler thread is not started. ``params``: one for all prompts, or one per prompt (e.g. seeds).
+        Prompts beyond ``max_queue`` wait their turn."""
+        if params is None or isinstance(params, SamplingParams):
+            params = [params or SamplingParams()] * len(prompts)
+        if len(params) != len(prompts):
+            raise InvalidParams(f"{len(prompts)} prompts but {len(params)} sampling parameter sets", param="params")
         todo = [self.encode(p) for p in prompts]
-        for ids in todo:
-            self._check(ids, params)  # refuse the whole call before running any of it
+        for ids, p in zip(todo, params):
+            self._check(ids, p)  # refuse the whole call before running any of it
         reqs: list[Request] = []
-        for ids in todo:
+        for ids, p in zip(todo, params):
             while True:
                 try:
-                    reqs.append(self.submit(ids, params))
+                    reqs.append(self.submit(ids, p))
                     break
                 except EngineFull:
                     if not self.running:

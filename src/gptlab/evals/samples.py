@@ -13,9 +13,10 @@ from gptlab.evals.registry import Eval, EvalContext, EvalOff, register
 
 
 def sample_texts(model: torch.nn.Module, tokenizer: Any, ctx: EvalContext) -> list[str]:
-    """Continuations of ``eval.sample_prompt`` from ``model``, seeded by the step (the global RNG, which
-    dropout uses, is left untouched)."""
-    from gptlab.generate import generate
+    """Continuations of ``eval.sample_prompt`` from ``model`` through the engine, sample i seeded
+    ``system.seed + step + i`` (the global RNG, which dropout uses, is left untouched); a sample ends at the
+    end-of-text token, as ``gptlab sample`` does."""
+    from gptlab.engine import Engine, SamplingParams
 
     ev, block_size = ctx.cfg.eval, model.config.block_size
     try:
@@ -26,17 +27,24 @@ def sample_texts(model: torch.nn.Module, tokenizer: Any, ctx: EvalContext) -> li
         ids = [tokenizer.eot_id or 0]
     ids = ids[-block_size + 1:]
     max_new = min(ev.sample_tokens, block_size - len(ids))
-    idx = torch.tensor([ids] * ev.num_samples, dtype=torch.long, device=ctx.device)
-    model.eval()
+    seed = ctx.cfg.system.seed + ctx.step
+    params = [SamplingParams(max_tokens=max_new, temperature=ev.sample_temperature, top_k=ev.sample_top_k or None,
+                             seed=seed + i) for i in range(ev.num_samples)]
+    # Sharded (FSDP) weights: every rank runs the same forwards, without a cache (full recomputation).
+    engine = Engine(model, tokenizer, max_batch=ev.num_samples, max_queue=ev.num_samples,
+                    use_kv_cache=not ctx.parallel.sharded)
+    prompt = tokenizer.decode(ids)
     try:
         with ctx.amp(), warnings.catch_warnings():
             # FSDP2 warns that the sliced logits are a view; sampling never runs backward.
             warnings.filterwarnings("ignore", message=".*returned a view tensor.*")
-            out = generate(model, idx, max_new, temperature=ev.sample_temperature, top_k=ev.sample_top_k or None,
-                           seed=ctx.cfg.system.seed + ctx.step, use_kv_cache=not ctx.parallel.sharded)
+            out = engine.generate([ids] * ev.num_samples, params)
     finally:
         model.train()
-    return [tokenizer.decode(row.tolist()) for row in out]
+    for c in out:
+        if c.error:
+            raise EvalOff(f"sampling is off: {c.error}")
+    return [prompt + c.text for c in out]
 
 
 def truncate_samples(path: Path, step: int) -> None:
