@@ -103,6 +103,10 @@ def export_hf(model, tokenizer, out_dir: str | os.PathLike, *, overwrite: bool =
                 _gpt2_tokenizer_files(tmp, config.block_size)
             elif getattr(tokenizer, "name", None) == "char":
                 _char_tokenizer_files(tokenizer, tmp, config.block_size)
+            elif getattr(tokenizer, "name", None) == "bpe":
+                from gptlab.tokenizer import write_hf_tokenizer
+
+                write_hf_tokenizer(tokenizer, tmp, model_max_length=config.block_size)
             save_tokenizer(tokenizer, tmp / GPTLAB_TOKENIZER_FILE)
         if out.exists():
             old = out.parent / f".{out.name}.old-{os.getpid()}"

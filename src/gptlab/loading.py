@@ -126,7 +126,7 @@ def _checkpoint_tokenizer(ckpt: Path, meta: dict[str, Any]):
     spec = meta.get("tokenizer")
     run_tok = ckpt.parent.parent / "tokenizer.json"
     if spec:
-        return from_spec(spec)
+        return from_spec(spec, search=[ckpt.parent.parent, ckpt])  # a trained BPE's ranks: in the run dir
     if run_tok.is_file():
         return load_tokenizer(run_tok)
     return None

@@ -254,7 +254,7 @@ def build(cfg: TrainConfig, info: gdist.DistInfo, device: torch.device) -> Train
                                         world_size=info.world_size, shuffle=cfg.data.shuffle, seed=cfg.data.seed,
                                         device=device))
     eval_ctx = EvalContext(cfg=cfg, info=info, parallel=parallel, device=device, dtype=dtype, data_dir=data_dir,
-                           run_dir=run_dir, tokenizer=init_tok or from_spec(tok_spec))
+                           run_dir=run_dir, tokenizer=init_tok or from_spec(tok_spec, search=[data_dir]))
     evals = []
     for cls in registered():
         if cls.every(cfg):

@@ -23,7 +23,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per shard")
     p.add_argument("--val-fraction", type=float, default=None, help="fraction of the corpus held out for validation")
     p.add_argument("--field", default="text", help="jsonl: the field holding the text")
-    p.add_argument("--tokenizer", default=None, help="gpt2 or char (default: the dataset's own)")
+    p.add_argument("--tokenizer", default=None,
+                   help="gpt2, char, or a directory made by gptlab tokenizer train (default: the dataset's own)")
     p.add_argument("--max-docs", type=int, default=None, help="stop after this many documents")
     p.add_argument("--layout", default="gptlab", choices=["gptlab", "llmc"],
                    help="shakespeare only: llmc = llm.c's token stream and split (an <|endoftext|> before each "

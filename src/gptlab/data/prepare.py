@@ -41,7 +41,7 @@ import numpy as np
 from gptlab.data import shards as S
 from gptlab.data import sources
 from gptlab.errors import GptlabError
-from gptlab.tokenizer import CharTokenizer, GPT2Tokenizer, Tokenizer
+from gptlab.tokenizer import SPEC_FILE, BPETokenizer, CharTokenizer, GPT2Tokenizer, Tokenizer, load_tokenizer, save_tokenizer
 
 BATCH_CHARS = 1 << 20  # characters per tokenizer work unit
 
@@ -58,19 +58,19 @@ def default_workers() -> int:
 def make_encoder(tok: Tokenizer) -> Callable[[list[str]], list[np.ndarray]]:
     """A thread-safe ``texts -> token arrays`` function for ``tok`` (corpus text is never special tokens)."""
     dtype = S.token_dtype(tok.vocab_size)
-    if isinstance(tok, GPT2Tokenizer):
+    if isinstance(tok, (GPT2Tokenizer, BPETokenizer)):
         enc = tok.enc
         if hasattr(enc, "encode_to_numpy"):
             # tiktoken >= 0.8 fills a buffer in Rust without the GIL (no Python list of ints); with no
             # special token allowed and none disallowed it is exactly encode_ordinary.
-            def encode_gpt2(texts: list[str]) -> list[np.ndarray]:
+            def encode_bpe(texts: list[str]) -> list[np.ndarray]:
                 return [enc.encode_to_numpy(t, allowed_special=set(), disallowed_special=()).astype(dtype)
                         for t in texts]
         else:  # pragma: no cover - older tiktoken
-            def encode_gpt2(texts: list[str]) -> list[np.ndarray]:
+            def encode_bpe(texts: list[str]) -> list[np.ndarray]:
                 return [np.array(enc.encode_ordinary(t), dtype=dtype) for t in texts]
 
-        return encode_gpt2
+        return encode_bpe
     if isinstance(tok, CharTokenizer):
         codes = np.array([ord(c) for c in tok.chars], dtype=np.int64)
         table = np.full(int(codes.max()) + 1, -1, dtype=np.int64)
@@ -311,9 +311,14 @@ def prepare_dataset(name: str, *, input: str | os.PathLike | None = None, out: s
     make_docs, source_info = sources.open_source(info, input=input, field_name=field, val_fraction=val_fraction,
                                                  max_docs=max_docs)
     tok_name = tokenizer or info.tokenizer
+    tok: Tokenizer | None = None
     if tok_name not in ("gpt2", "char"):
-        raise PrepareError(f"--tokenizer {tok_name!r}: expected 'gpt2' or 'char'")
-    tok: Tokenizer | None = _char_vocab(make_docs) if tok_name == "char" else None
+        if not Path(tok_name).expanduser().exists():
+            raise PrepareError(f"--tokenizer {tok_name!r}: expected 'gpt2', 'char' or a tokenizer directory "
+                               f"(made by gptlab tokenizer train)")
+        tok = load_tokenizer(Path(tok_name).expanduser())
+    if tok_name == "char":
+        tok = _char_vocab(make_docs)
 
     def items() -> Iterator[tuple[tuple[int, bool, str | None], str]]:
         for i, doc in enumerate(make_docs()):
@@ -408,6 +413,8 @@ def prepare_dataset(name: str, *, input: str | os.PathLike | None = None, out: s
     manifest = S.build_manifest(dataset=name, tokenizer_spec=tok.spec(), vocab_size=vocab, eot_id=tok.eot_id,
                                 shards=shard_list, source=source_info,
                                 extra={"documents": ndocs, "shard_tokens": shard_tokens})
+    if isinstance(tok, BPETokenizer):  # the ranks the manifest's spec names, so the directory is self-contained
+        save_tokenizer(tok, out_dir / SPEC_FILE)
     S.write_manifest(out_dir, manifest)
     splits = {sp: {"tokens": w.tokens, "shards": [s["file"] for s in w.shards], "documents": w.documents}
               for sp, w in writers.items() if w.tokens or sp == "train"}

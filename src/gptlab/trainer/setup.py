@@ -243,6 +243,12 @@ def write_run_dir(cfg: TrainConfig, run_dir: Path, start_step: int, resumed: boo
     resolved["out_dir"] = str(run_dir)
     (run_dir / "config.json").write_text(json.dumps(resolved, indent=2) + "\n", encoding="utf-8")
     (run_dir / "tokenizer.json").write_text(json.dumps(tok_spec, indent=2) + "\n", encoding="utf-8")
+    if tok_spec.get("type") == "bpe":  # a trained BPE's ranks beside its spec: the run dir is self-contained
+        import shutil
+
+        from gptlab.tokenizer import RANKS_FILE
+
+        shutil.copyfile(data_dir / RANKS_FILE, run_dir / RANKS_FILE)
 
 
 def banner(cfg: TrainConfig, *, run_dir: Path, data_dir: Path, device: torch.device, dtype: torch.dtype,
