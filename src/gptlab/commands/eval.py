@@ -23,7 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     device_arg(h)
     json_arg(h)
     lo = add_parser(esub, "loss", run_loss,
-                    help="mean validation loss over the first N tokens of a prepared dataset")
+                    help="mean validation loss (and bits per byte) over the first N tokens of a prepared dataset")
     lo.add_argument("--init", required=True, help=SRC_HELP)
     lo.add_argument("--data", required=True, help="prepared dataset directory, or a directory or quoted glob of "
                                                    "llm.c / build-nanogpt shards (val: files named *_val_*)")
@@ -101,6 +101,7 @@ def run_loss(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(res))
     else:
-        print(f"{res['split']} loss {res['loss']:.4f} (perplexity {res['perplexity']:.2f}) over {res['tokens']:,} "
+        bpb = f", {res['bpb']:.4f} bits per byte" if res.get("bpb") is not None else ""
+        print(f"{res['split']} loss {res['loss']:.4f}{bpb} (perplexity {res['perplexity']:.2f}) over {res['tokens']:,} "
               f"tokens ({res['windows']} windows of {res['seq_len']}) in {res['seconds']:.1f}s")
     return 0

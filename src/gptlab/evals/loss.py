@@ -8,6 +8,11 @@ taken in manifest order, and shard ``i`` with ``n_i`` tokens holds ``(n_i - 1) /
 straddles two shards, a shard's last ``(n_i - 1) % T`` tokens are never scored). ``tokens=N`` scores
 the first ``N // T`` windows, i.e. ``N`` rounded down to a multiple of T target tokens. The result is
 the mean cross-entropy (nats per token) over all those targets, accumulated in float64.
+
+Bits per byte (``bpb``) makes losses of different tokenizers comparable: the summed loss in nats over
+``ln 2`` over the UTF-8 bytes the target tokens stand for (:func:`gptlab.tokenizer.token_byte_lengths`,
+the dataset's tokenizer). Special tokens (``<|endoftext|>``) stand for no bytes and are left out of
+both sums, as nanochat does, so a tokenizer that marks document ends is not charged for them.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from gptlab.errors import GptlabError
 from gptlab.runtime import unwrap_model
@@ -49,6 +55,38 @@ def check_tokenizer(manifest: dict[str, Any], model_vocab: int, tokenizer: Any |
     if data_vocab != model_vocab:
         raise EvalLossError(f"{where}: the dataset's vocabulary has {data_vocab} tokens ({kind} tokenizer) but the "
                             f"model has {model_vocab}; they were not made with the same tokenizer")
+
+
+def dataset_tokenizer(manifest: dict[str, Any], data_dir: str | os.PathLike, tokenizer: Any | None = None) -> Any | None:
+    """The tokenizer that made ``data_dir``'s tokens: ``tokenizer`` when its spec matches, else the manifest's
+    spec (a trained BPE's ranks are in the dataset dir); None when it cannot be built."""
+    from gptlab.tokenizer import from_spec
+
+    spec = manifest.get("tokenizer")
+    if tokenizer is not None and (spec is None or tokenizer.spec() == spec):
+        return tokenizer
+    if not isinstance(spec, dict):
+        return None
+    try:
+        return from_spec(spec, search=[data_dir])
+    except GptlabError:
+        return None
+
+
+def byte_lengths_tensor(tokenizer: Any | None, device: torch.device | str) -> torch.Tensor | None:
+    """Bytes per token id as an int64 tensor on ``device`` (None without a tokenizer)."""
+    if tokenizer is None:
+        return None
+    from gptlab.tokenizer import token_byte_lengths
+
+    return torch.from_numpy(token_byte_lengths(tokenizer)).to(device)
+
+
+def bpb_sums(per_token_nats: torch.Tensor, targets: torch.Tensor, nbytes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(nats of byte-bearing targets, their bytes)`` in float64, for bits per byte = nats / ln 2 / bytes."""
+    nb = nbytes[targets.reshape(-1)]
+    nats = per_token_nats.reshape(-1).double()
+    return (nats * (nb > 0)).sum(), nb.sum().double()
 
 
 def _windows(data_dir: Path, split: str, manifest: dict[str, Any], T: int) -> list[tuple[np.ndarray, int]]:
@@ -123,7 +161,9 @@ def evaluate_loss(model: torch.nn.Module, data_dir: str | os.PathLike, *, split:
 
     was_training = model.training
     model.eval()
-    total = torch.zeros(2, dtype=torch.float64, device=device)  # (sum of losses, number of targets)
+    nbytes = byte_lengths_tensor(dataset_tokenizer(manifest, data_dir, tokenizer), device)
+    # (sum of losses, number of targets, nats of byte-bearing targets, their bytes)
+    total = torch.zeros(4, dtype=torch.float64, device=device)
     try:
         bar = tqdm(total=n_batches, desc=f"loss {split}", unit="batch", file=sys.stderr,
                    disable=not progress or rank != 0)
@@ -134,20 +174,29 @@ def evaluate_loss(model: torch.nn.Module, data_dir: str | os.PathLike, *, split:
                 chunk = index[:1]
             buf = np.stack([shards[si][0][off: off + T + 1] for si, off in chunk]).astype(np.int64)
             xy = torch.from_numpy(buf).to(device)  # (B, T+1)
+            y = xy[:, 1:]
             with autocast(device, dtype):
-                _, loss = model(xy[:, :-1], xy[:, 1:])  # mean over B*T targets, computed in fp32
+                logits, _ = model(xy[:, :-1])
+            # Per target in fp32, as the model's own loss; summed in fp64.
+            per = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), reduction="none")
             if real:
-                total[0] += loss.double() * (len(chunk) * T)
+                total[0] += per.double().sum()
                 total[1] += len(chunk) * T
+                if nbytes is not None:
+                    nats, nb = bpb_sums(per, y, nbytes)
+                    total[2] += nats
+                    total[3] += nb
             bar.update(1)
         bar.close()
     finally:
         model.train(was_training)
     if world > 1:
         dist.all_reduce(total, op=dist.ReduceOp.SUM)
-    loss_sum, count = total.tolist()
+    loss_sum, count, nats, n_bytes = total.tolist()
     mean = loss_sum / count
-    return {"loss": mean, "perplexity": math.exp(mean) if mean < 700 else float("inf"), "tokens": int(count),
+    bpb = nats / math.log(2) / n_bytes if nbytes is not None and n_bytes > 0 else None
+    return {"loss": mean, "bpb": bpb, "bytes": int(n_bytes) if nbytes is not None else None,
+            "perplexity": math.exp(mean) if mean < 700 else float("inf"), "tokens": int(count),
             "windows": n_windows, "seq_len": T, "split": split, "data": str(data_dir),
             "dataset": manifest.get("dataset"), "seconds": round(time.perf_counter() - t0, 3)}
 
