@@ -292,7 +292,7 @@ def test_trained_tokenizer_end_to_end(tmp_path, capsys):
     """prepare -> train -> sample -> eval loss (bits per byte checked by hand) -> export -> AutoTokenizer."""
     import torch
 
-    from gptlab.checkpoint import load_model_from_checkpoint
+    from gptlab.loading import load_checkpoint
     from gptlab.data import shards as S
 
     corpus = tmp_path / "c.txt"
@@ -320,7 +320,7 @@ def test_trained_tokenizer_end_to_end(tmp_path, capsys):
 
     assert main(["eval", "loss", "--init", str(run), "--data", str(tmp_path / "data"), "--json"]) == 0
     res = json.loads(capsys.readouterr().out)
-    model, mtok, _ = load_model_from_checkpoint(run)
+    model, mtok, _ = load_checkpoint(run)
     assert fingerprint(mtok) == fingerprint(tok)
     # Independent bits per byte: per-window cross-entropy from the model, bytes by decoding the targets.
     T = res["seq_len"]

@@ -130,7 +130,16 @@ def collect_corpus(units: Iterator[tuple[str, bool]], max_chars: int, doc_cap: i
     return train, "".join(held), n
 
 
+def _need(module: str) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise TokenizerTrainError(f"training a tokenizer with {module} needs it installed: pip install "
+                                  f"'gptlab[tokenizer]' (or pick the other --trainer)")
+
+
 def _train_rustbpe(docs: list[str], n_merges: int, pattern: str) -> list[tuple[bytes, int]]:
+    _need("rustbpe")
     import rustbpe
 
     t = rustbpe.Tokenizer()
@@ -139,6 +148,7 @@ def _train_rustbpe(docs: list[str], n_merges: int, pattern: str) -> list[tuple[b
 
 
 def _train_hf(docs: list[str], n_merges: int, pattern: str) -> list[tuple[bytes, int]]:
+    _need("tokenizers")
     from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
 
     from gptlab.tokenizer import _bytes_to_unicode
