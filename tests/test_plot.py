@@ -165,3 +165,19 @@ def test_cli(tmp_path, capsys):
     assert main(["plot", str(tmp_path / "nope"), "--out", str(out)]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("gptlab plot: error:") and "not found" in err and "\n" not in err
+
+
+def test_metric_bpb_plots_val_bits_per_byte(tmp_path, capsys):
+    bpb = [json.dumps({"kind": "val", "step": s, "val_loss": 2.0, "val_bpb": 1.5 - s / 100}) for s in (5, 15, 25)]
+    a = _make_run(tmp_path, "a", steps=30, extra_lines=bpb)
+    b = _make_run(tmp_path, "b", steps=30)  # an older run: val records without val_bpb
+    out = tmp_path / "bpb.png"
+    assert main(["plot", str(a), str(b), "--out", str(out), "--metric", "bpb", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["metric"] == "bpb" and res["loss_baselines"] == []
+    ra, rb = res["runs"]
+    assert ra["train_points"] == 0 and ra["val_points"] == 3 and ra["min_val_loss"] == pytest.approx(1.25)
+    assert rb["val_points"] == 0
+    assert out.read_bytes()[:8] == PNG_SIGNATURE
+    assert main(["plot", str(b), "--out", str(out), "--metric", "bpb"]) == 1
+    assert "no val_bpb records" in capsys.readouterr().err

@@ -4,7 +4,8 @@ Reads each run dir's ``metrics.jsonl`` (``{"kind": "train"|"val"|"hellaswag", "s
 ``config.json``. The loss panel draws the raw train loss faintly, an EMA-smoothed copy on top, and the
 validation loss with markers; the HellaSwag panel draws ``acc_norm``. Horizontal lines mark OpenAI's
 checkpoints: HellaSwag GPT-2 124M / GPT-3 125M always, a val-loss line only when the run's dataset is
-one whose GPT-2 124M val loss is known. matplotlib is imported lazily with the Agg backend, so plotting
+one whose GPT-2 124M val loss is known. With ``metric="bpb"`` the first panel is validation bits per
+byte (``val_bpb``) instead, the one number comparable across tokenizers. matplotlib is imported lazily with the Agg backend, so plotting
 works on headless machines.
 """
 
@@ -100,8 +101,14 @@ def loss_baseline(dataset: str | None) -> tuple[float, str] | None:
     return None
 
 
-def load_run(run_dir: str | os.PathLike) -> Run:
-    """Parse a run dir (or its ``metrics.jsonl``); bad lines are counted in ``Run.skipped``, not fatal."""
+METRICS = ("loss", "bpb")
+
+
+def load_run(run_dir: str | os.PathLike, metric: str = "loss") -> Run:
+    """Parse a run dir (or its ``metrics.jsonl``); bad lines are counted in ``Run.skipped``, not fatal.
+
+    ``metric="bpb"``: the val series is ``val_bpb`` and there is no train series (train loss is per token).
+    """
     p = Path(run_dir)
     metrics = p if p.is_file() else p / "metrics.jsonl"
     root = metrics.parent
@@ -129,8 +136,12 @@ def load_run(run_dir: str | os.PathLike) -> Run:
             if rec["kind"] not in KINDS:  # "sample" and future kinds: not plotted, not an error
                 continue
             kind = rec["kind"]
+            if metric == "bpb" and kind == "train":
+                continue
+            if metric == "bpb" and kind == "val" and rec.get("val_bpb") is None:
+                continue  # a validation without bits per byte (no tokenizer to count bytes): nothing to draw
             step = rec.get("step")
-            key = {"train": "loss", "val": "val_loss", "hellaswag": "acc_norm"}[kind]
+            key = {"train": "loss", "val": "val_bpb" if metric == "bpb" else "val_loss", "hellaswag": "acc_norm"}[kind]
             value = _finite(rec.get(key))
             if isinstance(step, bool) or not isinstance(step, int) or value is None:
                 skipped += 1
@@ -173,13 +184,18 @@ def _xs(run: Run, s: Series, x: str) -> list[float]:
 
 
 def plot_runs(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike, *, x: str = "step", log: bool = False,
-              smooth: float = 0.9, title: str | None = None, dpi: int = 100) -> dict[str, Any]:
+              smooth: float = 0.9, title: str | None = None, dpi: int = 100, metric: str = "loss") -> dict[str, Any]:
     """Draw the two-panel figure for ``run_dirs`` into ``out`` (format from its suffix); return a summary."""
     if x not in ("step", "tokens"):
         raise PlotError(f"--x {x}: expected step or tokens")
+    if metric not in METRICS:
+        raise PlotError(f"--metric {metric}: expected {' or '.join(METRICS)}")
     if not 0.0 <= smooth < 1.0:
         raise PlotError(f"--smooth {smooth}: must be in [0, 1) (0 = no smoothing)")
-    runs = [load_run(d) for d in run_dirs]
+    runs = [load_run(d, metric) for d in run_dirs]
+    if metric == "bpb" and not any(r.val.steps for r in runs):
+        raise PlotError(f"no val_bpb records in {', '.join(str(r.path / 'metrics.jsonl') for r in runs)} (validation "
+                        "off, or a run logged before bits per byte were recorded); plot --metric loss instead")
     for r in runs:
         if r.skipped:
             print(f"gptlab plot: warning: {r.path / 'metrics.jsonl'}: skipped {r.skipped} garbled or incomplete "
@@ -217,14 +233,17 @@ def plot_runs(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike, *, 
         if run.hellaswag.steps:
             ax_hs.plot(_xs(run, run.hellaswag, x), run.hellaswag.values, color=c, marker="o", markersize=3,
                        linewidth=1.2, label=name)
-        base = loss_baseline(run.dataset)
+        base = loss_baseline(run.dataset) if metric == "loss" else None
         if base is not None:
             baselines[base[0]] = base[1]
     for value, label in baselines.items():
         ax_loss.axhline(value, color="tab:red", linestyle=":", linewidth=1.2, label=f"{label} {value:.4g}")
     if log:
         ax_loss.set_yscale("log")
-    ax_loss.set(xlabel=xlabel, ylabel="loss", title="Loss")
+    if metric == "bpb":
+        ax_loss.set(xlabel=xlabel, ylabel="val bits per byte", title="Validation bits per byte")
+    else:
+        ax_loss.set(xlabel=xlabel, ylabel="loss", title="Loss")
     ax_loss.grid(alpha=0.3)
     if ax_loss.lines:
         ax_loss.legend(fontsize=8)
@@ -260,7 +279,7 @@ def plot_runs(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike, *, 
     def last(s: Series) -> float | None:
         return s.values[-1] if s.values else None
 
-    return {"out": str(out), "x": x, "loss_baselines": sorted(baselines), "hellaswag_baselines":
+    return {"out": str(out), "x": x, "metric": metric, "loss_baselines": sorted(baselines), "hellaswag_baselines":
             [v for v, _, _ in HELLASWAG_BASELINES] if has_hs else [], "runs": [
         {"name": name, "dir": str(r.path), "dataset": r.dataset, "train_points": len(r.train.steps),
          "val_points": len(r.val.steps), "hellaswag_points": len(r.hellaswag.steps), "skipped_lines": r.skipped,

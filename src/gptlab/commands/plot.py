@@ -13,6 +13,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("runs", nargs="+", metavar="RUN_DIR")
     p.add_argument("--out", required=True, help="output image (.png)")
     p.add_argument("--x", choices=["step", "tokens"], default="step")
+    p.add_argument("--metric", choices=["loss", "bpb"], default="loss",
+                   help="first panel: loss (train + val, nats/token) or bpb (val bits per byte, comparable "
+                        "across tokenizers)")
     p.add_argument("--log", action="store_true", help="log-scale loss axis")
     p.add_argument("--smooth", type=float, default=0.9, help="EMA smoothing of train loss (0 = none)")
     p.add_argument("--title", default=None, help="figure title")
@@ -22,7 +25,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from gptlab.plot import plot_runs
 
-    summary = plot_runs(args.runs, args.out, x=args.x, log=args.log, smooth=args.smooth, title=args.title)
+    summary = plot_runs(args.runs, args.out, x=args.x, log=args.log, smooth=args.smooth, title=args.title,
+                         metric=args.metric)
     if args.json:
         print(json.dumps(summary))
     else:
