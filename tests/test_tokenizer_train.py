@@ -310,7 +310,7 @@ def test_trained_tokenizer_end_to_end(tmp_path, capsys):
     assert main(["train", "--data", str(tmp_path / "data"), "--out", str(run), "--max-steps", "3",
                  "--model.n_layer=1", "--model.n_head=2", "--model.n_embd=32", "--model.block_size=32",
                  "--batch.seq_len=32", "--batch.micro_batch=4", "--batch.batch_tokens=128",
-                 "--eval.eval_every=0", "--eval.sample_every=0", "--logging.progress=false",
+                 "--eval.eval_every=3", "--eval.eval_tokens=512", "--eval.sample_every=0", "--logging.progress=false",
                  "--system.device=cpu", "--system.threads=1", "--json"]) == 0
     capsys.readouterr()
     assert (run / RANKS_FILE).is_file()  # the run dir carries its tokenizer
@@ -335,6 +335,16 @@ def test_trained_tokenizer_end_to_end(tmp_path, capsys):
     assert res["bytes"] == n_bytes
     assert res["bpb"] == pytest.approx(nats / math.log(2) / n_bytes, rel=1e-5)
     assert res["loss"] == pytest.approx(nats / res["tokens"], rel=1e-5)
+
+    # The trainer's validation (the first 512 val tokens, as windows of 32) reports the same bits per byte.
+    from gptlab.metrics import read_metrics
+
+    val = [r for r in read_metrics(run / "metrics.jsonl") if r["kind"] == "val"][-1]
+    assert main(["eval", "loss", "--init", str(run), "--data", str(tmp_path / "data"), "--tokens", "512",
+                 "--seq-len", "32", "--json"]) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert val["val_bpb"] == pytest.approx(first["bpb"], rel=1e-5)
+    assert val["val_loss"] == pytest.approx(first["loss"], rel=1e-5)
 
     assert main(["export", "--init", str(run), "--out", str(tmp_path / "hf")]) == 0
     from transformers import AutoTokenizer

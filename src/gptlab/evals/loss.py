@@ -235,6 +235,11 @@ class ValLoss(Eval):
         per_batch = cfg.batch.micro_batch * cfg.seq_len * info.world_size
         want = cfg.eval.eval_tokens // per_batch if cfg.eval.eval_tokens else avail
         self.steps = max(1, min(want, avail))
+        # Bytes per token id of the data's tokenizer, for val_bpb (None when it cannot be built).
+        from gptlab.data.shards import read_manifest
+
+        tok = dataset_tokenizer(read_manifest(ctx.data_dir), ctx.data_dir, ctx.tokenizer)
+        self.nbytes = byte_lengths_tensor(tok, ctx.device)
 
     @torch.no_grad()
     def run(self, model: torch.nn.Module, ctx: EvalContext) -> list[dict[str, Any]]:
@@ -243,16 +248,27 @@ class ValLoss(Eval):
         model.eval()
         self.loader.reset()
         total = torch.zeros((), device=ctx.device, dtype=torch.float32)
+        bpb = torch.zeros(2, device=ctx.device, dtype=torch.float64)  # (nats of byte-bearing targets, bytes)
         for _ in range(self.steps):
             x, y = self.loader.next_batch()
             with ctx.amp():
-                _, loss = model(x, y)
+                logits, loss = model(x, y)
             total += loss.float()
+            if self.nbytes is not None:
+                per = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), reduction="none")
+                nats, nb = bpb_sums(per, y, self.nbytes)
+                bpb[0] += nats
+                bpb[1] += nb
         model.train()
-        return [{"val_loss": gdist.all_reduce_mean(total / self.steps).item()}]
+        rec: dict[str, Any] = {"val_loss": gdist.all_reduce_mean(total / self.steps).item()}
+        if self.nbytes is not None:
+            nats, nb = gdist.all_reduce_sum(bpb).tolist()
+            rec["val_bpb"] = nats / math.log(2) / nb if nb > 0 else None
+        return [rec]
 
     def describe(self) -> str:
         return f"val {self.steps} batches/eval"
 
     def report(self, records: list[dict[str, Any]]) -> str:
-        return f"val loss {records[0]['val_loss']:.4f}"
+        bpb = records[0].get("val_bpb")
+        return f"val loss {records[0]['val_loss']:.4f}" + (f", {bpb:.4f} bits/byte" if bpb is not None else "")
