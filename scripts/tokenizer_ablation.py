@@ -65,8 +65,8 @@ def main() -> int:
         result = run / "eval.json"
         if not result.is_file():
             gptlab("train", "--config", BASE, "--data", str(data), "--out", str(run), "--max-steps", str(args.steps),
-                   f"--optim.decay_steps={args.steps}", "--eval-every", "0", "--checkpoint-every", str(args.steps),
-                   "--resume", "never", "--json", env=env)
+                   f"--optim.decay_steps={args.steps}", "--eval-every", "0", "--eval.sample_every=0", "--checkpoint-every", "50",
+                   "--resume", "auto", "--json", env=env)
             res = json.loads(gptlab("eval", "loss", "--init", str(run), "--data", str(data), "--json", env=env))
             result.write_text(json.dumps(res) + "\n")
         res = json.loads(result.read_text())
