@@ -346,6 +346,18 @@ def test_trained_tokenizer_end_to_end(tmp_path, capsys):
     assert val["val_bpb"] == pytest.approx(first["bpb"], rel=1e-5)
     assert val["val_loss"] == pytest.approx(first["loss"], rel=1e-5)
 
+    # Fine-tuning on data made with another BPE of the same size is refused (the ids mean other things).
+    other = tmp_path / "c2.txt"
+    other.write_text("".join(_corpus(8, 3000)), encoding="utf-8")
+    train_tokenizer(str(other), 512, tmp_path / "tok2", progress=False)
+    assert main(["prepare", "text", "--input", str(other), "--tokenizer", str(tmp_path / "tok2"), "--out",
+                 str(tmp_path / "data2"), "--json"]) == 0
+    capsys.readouterr()
+    assert main(["train", "--init", str(run), "--data", str(tmp_path / "data2"), "--out", str(tmp_path / "ft"),
+                 "--max-steps", "1", "--system.device=cpu", "--batch.seq_len=32", "--batch.micro_batch=4",
+                 "--batch.batch_tokens=128"]) == 1
+    assert "fingerprint" in capsys.readouterr().err
+
     assert main(["export", "--init", str(run), "--out", str(tmp_path / "hf")]) == 0
     from transformers import AutoTokenizer
 

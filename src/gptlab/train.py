@@ -229,10 +229,16 @@ def build(cfg: TrainConfig, info: gdist.DistInfo, device: torch.device) -> Train
 
     # ---- model (the checkpoint's weights, model.init's, or a seeded init), wrapped; optimizer
     raw, init_tok, origin = S.build_model(cfg, vocab_size, ckpt)
-    if init_tok is not None and init_tok.spec().get("type") != tok_spec.get("type"):
-        raise ConfigError(f"model.init={cfg.model.init!r} uses the {init_tok.spec().get('type')} tokenizer but "
-                          f"{data_dir} was prepared with {tok_spec.get('type')}: prepare it with --tokenizer "
-                          f"{init_tok.spec().get('type')}")
+    from gptlab.tokenizer import fingerprint
+
+    # The whole tokenizer must match, not just its kind: two trained BPEs (or char tables) give ids
+    # different meanings.
+    if init_tok is not None and fingerprint(init_tok) != fingerprint(tok_spec):
+        kind, theirs = init_tok.spec().get("type"), tok_spec.get("type")
+        how = "the same tokenizer directory" if kind == "bpe" else kind
+        raise ConfigError(f"model.init={cfg.model.init!r} uses a {kind} tokenizer (fingerprint "
+                          f"{fingerprint(init_tok)[:12]}) but {data_dir} was prepared with a different {theirs} one "
+                          f"({fingerprint(tok_spec)[:12]}): prepare the data with --tokenizer {how}")
     if cfg.seq_len > raw.config.block_size:
         raise ConfigError(f"batch.seq_len={cfg.seq_len} exceeds the model's context ({raw.config.block_size})")
     raw.to(device)
