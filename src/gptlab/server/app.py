@@ -467,7 +467,9 @@ async def _stream(state: ServerState, req: CompletionRequest, rows: list[Row], t
                 lp = logprobs_json(engine, [int(ev.token_id)], [ev.logprob], [event_top(ev)], n_top,
                                    offsets[row.index])
             offsets[row.index] += len(text)
-            if text or lp is not None or ev.finish_reason is not None:
+            # One chunk per token even when its text is held back (half a character, a possible stop
+            # string): clients count tokens and time inter-token latency from the chunks.
+            if text or has_token or ev.finish_reason is not None:
                 yield chunk(row.index, text, lp, ev.finish_reason)
         if req.stream_options is not None and req.stream_options.include_usage:
             yield _sse({"id": cid, "object": "text_completion", "created": created, "model": engine.name,

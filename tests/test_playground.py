@@ -1,0 +1,119 @@
+"""The web playground (``GET /``) in a real headless Chromium, driven by Playwright.
+
+Uses the system's Chromium (Debian's ``chromium`` package; CI installs it in ``.ci/run``), not a browser
+Playwright downloads. Set GPTLAB_PLAYGROUND_SCREENSHOT=path to also save the screenshot there
+(docs/playground.png is made that way).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+httpx = pytest.importorskip("httpx")
+
+from serve_util import LiveServer, make_run  # noqa: E402
+
+
+def _chromium() -> str | None:
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        path = shutil.which(name)
+        if path:
+            return path
+    return "/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None
+
+
+CHROMIUM = _chromium()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    d = tmp_path_factory.mktemp("playground")
+    srv = LiveServer(make_run(d / "run"), d / "serve.log", "--name", "tiny-gpt2").wait_ready()
+    yield srv
+    srv.stop()
+
+
+def test_page_is_self_contained(server):
+    resp = httpx.get(server.url + "/")
+    assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/html")
+    html = resp.text
+    # works offline: no script, style, font or image from anywhere but this server
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", html, re.I), "the page loads something remote"
+    assert "@import" not in html and "url(http" not in html
+    for element_id in ("prompt", "temperature", "top_k", "top_p", "max_tokens", "seed", "generate", "stop-btn",
+                       "output", "stats", "chat-view"):
+        assert f'id="{element_id}"' in html
+
+
+@pytest.fixture(scope="module")
+def page(server):
+    if CHROMIUM is None:
+        pytest.skip("Chromium is not installed (Debian: apt-get install chromium); the browser test needs it")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+        context = browser.new_context(viewport={"width": 1180, "height": 720}, device_scale_factor=1)
+        pg = context.new_page()
+        remote = []
+        pg.on("request", lambda r: None if r.url.startswith(server.url) else remote.append(r.url))
+        pg.goto(server.url + "/")
+        pg.wait_for_selector("body[data-ready='1']", timeout=60_000)
+        yield pg
+        assert remote == [], f"the page fetched outside the server: {remote}"
+        browser.close()
+
+
+def _settings(page, **values):
+    for key, value in values.items():
+        page.fill(f"#{key}", str(value))
+
+
+def test_greedy_generation_shows_the_api_text(server, page, tmp_path):
+    assert "tiny-gpt2" in page.text_content("#model-name")
+    assert page.is_hidden("#tabs")  # no chat template: no chat view
+    prompt = "Hello from the playground,"
+    _settings(page, temperature=0, top_k=0, top_p=1, max_tokens=24, seed="")
+    page.fill("#prompt", prompt)
+    done = page.evaluate("Number(document.body.dataset.done || 0)")
+    page.click("#generate")
+    page.wait_for_function(f"Number(document.body.dataset.done || 0) > {done}", timeout=60_000)
+    shown = page.text_content("#completion")
+    api = httpx.post(server.url + "/v1/completions",
+                     json={"prompt": prompt, "max_tokens": 24, "temperature": 0}, timeout=60).json()
+    assert shown == api["choices"][0]["text"] and shown
+    assert page.text_content("#prompt-echo") == prompt
+    stats = page.text_content("#stats")
+    assert re.search(r"24 tokens · [\d.]+ tokens/s", stats), stats
+    assert page.text_content("#error") == ""
+    shot = tmp_path / "playground.png"
+    page.screenshot(path=str(shot), full_page=False)
+    assert shot.stat().st_size > 10_000
+    if os.environ.get("GPTLAB_PLAYGROUND_SCREENSHOT"):
+        shutil.copy(shot, os.environ["GPTLAB_PLAYGROUND_SCREENSHOT"])
+
+
+def test_stop_button_cancels_the_row(server, page):
+    before = server.metrics().get('gptlab_rows_finished_total{reason="cancelled"}', 0.0)
+    _settings(page, temperature=1, max_tokens=480)
+    page.fill("#prompt", "A long story:")
+    done = page.evaluate("Number(document.body.dataset.done || 0)")
+    page.click("#generate")
+    page.wait_for_function("document.getElementById('completion').textContent.length > 20", timeout=60_000)
+    page.click("#stop-btn")
+    page.wait_for_function(f"Number(document.body.dataset.done || 0) > {done}", timeout=30_000)
+    assert "stopped" in page.text_content("#stats")
+    m = server.metrics()
+    for _ in range(200):
+        if m.get('gptlab_rows_finished_total{reason="cancelled"}', 0.0) > before and m["gptlab_running_rows"] == 0:
+            break
+        page.wait_for_timeout(25)
+        m = server.metrics()
+    assert m.get('gptlab_rows_finished_total{reason="cancelled"}', 0.0) == before + 1
+    assert m["gptlab_running_rows"] == 0
