@@ -7,7 +7,10 @@ this process with the model itself (a full forward, no KV cache, no engine).
 from __future__ import annotations
 
 import json
+import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -382,3 +385,18 @@ def test_cli_errors(run_dir, tmp_path):
     assert main(["serve", "--init", str(run_dir), "--api-key-file", str(tmp_path / "missing")]) == 1
     (tmp_path / "empty").write_text("\n")
     assert main(["serve", "--init", str(run_dir), "--api-key-file", str(tmp_path / "empty")]) == 1
+
+
+def test_bench_serve_against_a_running_server(server, run_dir):
+    """``gptlab bench serve --url``: the issue's JSON keys, exact token counts, and --vs-hf on the same weights."""
+    out = subprocess.run([sys.executable, "-m", "gptlab", "bench", "serve", "--model", str(run_dir), "--url", server.url,
+                          "--clients", "4", "--requests", "6", "--prompt-tokens", "8", "--max-tokens", "5",
+                          "--one-client-requests", "2", "--vs-hf", "--json"],
+                         capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr
+    r = json.loads(out.stdout)
+    for key in ("output_tokens_per_s", "one_client_tokens_per_s", "speedup_vs_one_client", "hf_tokens_per_s",
+                "speedup_vs_hf", "ttft_p50_ms", "ttft_p99_ms", "ttft_unloaded_ms", "itl_p50_ms", "itl_p99_ms"):
+        assert isinstance(r[key], float) and r[key] >= 0, (key, r[key])
+    assert r["output_tokens"] == 6 * 5
+    assert r["speedup_vs_one_client"] == pytest.approx(r["output_tokens_per_s"] / r["one_client_tokens_per_s"])

@@ -649,3 +649,228 @@ def bench_loader(*, data: str | None = None, batch: int = 64, seq: int = 1024, b
            "headroom_vs_gpu_step": tps / H100_TARGET_TOKENS_PER_S, **environment(dev)}
     _say(f"bench loader: {out['batches_per_s']:,.1f} batches/s", quiet)
     return out
+
+
+# --------------------------------------------------------------------------- bench serve
+
+
+class _ServeProcess:
+    """``gptlab serve`` in a subprocess on a free local port (what ``bench serve`` measures when no --url)."""
+
+    def __init__(self, init: str, extra: list[str], log_dir: Path, timeout_s: float = 900.0) -> None:
+        self.log_path = log_dir / "serve.log"
+        self._log = open(self.log_path, "w")
+        cmd = [sys.executable, "-m", "gptlab", "serve", "--init", init, "--port", "0", *extra]
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT)
+        import re
+
+        import httpx
+
+        t0 = time.time()
+        self.url = None
+        while time.time() - t0 < timeout_s:
+            if self.proc.poll() is not None:
+                raise GptlabError(f"bench serve: the server exited with {self.proc.returncode}: {self._tail()}")
+            if self.url is None:
+                m = re.search(r"listening on (http://[\d.]+:\d+)", self.log_path.read_text(errors="replace"))
+                self.url = m.group(1) if m else None
+            elif httpx.get(self.url + "/health", timeout=10).status_code == 200:
+                return
+            time.sleep(0.2)
+        self.stop()
+        raise GptlabError(f"bench serve: the server was not ready within {timeout_s:.0f}s: {self._tail()}")
+
+    def _tail(self) -> str:
+        lines = self.log_path.read_text(errors="replace").strip().splitlines()
+        return " | ".join(lines[-3:]) if lines else "(no output)"
+
+    def stop(self) -> None:
+        import signal
+
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+
+
+def _save_random_run(net: GPT, run_dir: Path) -> None:
+    """A run dir holding ``net`` (random-init preset), with a tokenizer that covers its vocabulary."""
+    from gptlab.checkpoint import save_checkpoint
+    from gptlab.config import to_dict
+    from gptlab.tokenizer import GPT2_VOCAB_SIZE, CharTokenizer, GPT2Tokenizer
+
+    V = net.config.vocab_size
+    tok = GPT2Tokenizer() if V == GPT2_VOCAB_SIZE else CharTokenizer([chr(0x100 + i) for i in range(V)])
+    save_checkpoint(run_dir, 0, model_state=net.state_dict(), tied=net.config.tie_embeddings, optimizer_state=None,
+                    rng_states=[], meta={"model_config": to_dict(net.config), "tokenizer": tok.spec()})
+
+
+async def _load_test(url: str, headers: dict[str, str], model: str, prompts: list[list[int]], max_tokens: int,
+                     clients: int) -> tuple[float, list[dict[str, Any]]]:
+    """Send every prompt (streamed, greedy, exactly ``max_tokens`` new tokens) from ``clients`` concurrent
+    clients; returns the wall time and, per request, its start and the arrival time of each token."""
+    import asyncio
+
+    import httpx
+
+    todo = list(enumerate(prompts))
+    results: list[dict[str, Any]] = [{} for _ in prompts]
+
+    async def client_loop(client: httpx.AsyncClient) -> None:
+        while todo:
+            i, ids = todo.pop(0)
+            body = {"model": model, "prompt": ids, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+                    "ignore_eos": True}
+            t0 = time.perf_counter()
+            times: list[float] = []
+            async with client.stream("POST", url + "/v1/completions", json=body, headers=headers) as r:
+                if r.status_code != 200:
+                    raise GptlabError(f"bench serve: {url} answered {r.status_code}: {(await r.aread())[:300]!r}")
+                async for line in r.aiter_lines():
+                    if not line.startswith("data: "):
+                        continue
+                    if line == "data: [DONE]":
+                        break
+                    chunk = json.loads(line[6:])
+                    if "error" in chunk:
+                        raise GptlabError(f"bench serve: generation failed: {chunk['error']['message']}")
+                    if chunk.get("choices"):  # one chunk per generated token
+                        times.append(time.perf_counter())
+            results[i] = {"start": t0, "times": times}
+
+    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
+    async with httpx.AsyncClient(timeout=None, limits=limits) as client:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client_loop(client) for _ in range(clients)))
+        wall = time.perf_counter() - t0
+    return wall, results
+
+
+def _latencies(results: list[dict[str, Any]]) -> tuple[list[float], list[float], int]:
+    ttft = [r["times"][0] - r["start"] for r in results if r.get("times")]
+    itl = [b - a for r in results for a, b in zip(r.get("times", []), r.get("times", [])[1:])]
+    return ttft, itl, sum(len(r.get("times", [])) for r in results)
+
+
+def _pct(values: list[float], q: float) -> float | None:
+    import numpy as np
+
+    return float(np.percentile(np.asarray(values), q)) * 1e3 if values else None
+
+
+def bench_serve(model: str = "gpt2", *, clients: int = 16, requests: int = 32, prompt_tokens: int = 128,
+                max_tokens: int = 128, url: str | None = None, api_key: str | None = None, vs_hf: bool = False,
+                one_client_requests: int = 4, dtype: str = "float32", device: str = "cpu", max_batch: int | None = None,
+                compile: bool = False, quantize: str | None = None, seed: int = 0,
+                quiet: bool = False) -> dict[str, Any]:
+    """Load-test ``gptlab serve`` over HTTP, as vLLM's benchmark_serving does.
+
+    Starts the server on a free local port over ``model`` (a preset is random-initialised and saved to a
+    temporary run dir) or targets ``url``; sends ``requests`` random-token prompts of ``prompt_tokens`` from
+    ``clients`` concurrent streaming clients, each greedy and exactly ``max_tokens`` long; then the first
+    ``one_client_requests`` of them from one client alone; with ``vs_hf`` the same ones served one after
+    another by transformers' ``generate`` on the same weights (after the server has stopped, so the two
+    never share the CPU). Throughput counts output tokens over wall time.
+    """
+    import asyncio
+
+    import httpx
+
+    if min(clients, requests, prompt_tokens, max_tokens, one_client_requests) < 1:
+        raise GptlabError("bench serve: --clients, --requests, --prompt-tokens, --max-tokens and "
+                          "--one-client-requests must be >= 1")
+    one_client_requests = min(one_client_requests, requests)
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    out: dict[str, Any] = {"bench": "serve", "model": model, "clients": clients, "requests": requests,
+                           "prompt_tokens": prompt_tokens, "max_tokens": max_tokens,
+                           "one_client_requests": one_client_requests, "dtype": str(dt).replace("torch.", ""),
+                           "compile": compile, "quantize": quantize, "url": url,
+                           "timing": "streamed greedy requests over HTTP, ignore_eos: output tokens / wall time; "
+                                     "TTFT = request sent -> first token chunk; ITL = gaps between token chunks",
+                           **environment(dev)}
+    net = None
+    with contextlib.ExitStack() as stack:
+        server = None
+        if url is None or vs_hf:
+            torch.manual_seed(seed)
+            net, weights = _load_for_generate(model, None, torch.device("cpu"), torch.float32, seed)
+            out["weights"] = weights
+            out["n_params"] = net.num_params()
+        if url is None:
+            init = model
+            if out.get("weights") == "random-init":
+                tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="gptlab-bench-serve-")))
+                _save_random_run(net, tmp / "run")
+                init = str(tmp / "run")
+            extra = ["--device", str(dev), "--dtype", out["dtype"], "--max-batch", str(max_batch or clients),
+                     "--max-queue", str(max(requests, 64)), "--name", "bench"]
+            extra += ["--compile"] if compile else []
+            extra += ["--quantize", quantize] if quantize else []
+            _say(f"bench serve: starting gptlab serve over {model}", quiet)
+            log_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="gptlab-bench-serve-log-")))
+            server = _ServeProcess(init, extra, log_dir)
+            stack.callback(server.stop)
+            url = server.url
+        info = httpx.get(url + "/v1/info", headers=headers, timeout=30)
+        if info.status_code != 200:
+            raise GptlabError(f"bench serve: {url}/v1/info answered {info.status_code}: {info.text[:200]}")
+        info = info.json()
+        name, vocab, ctx = info["model"], int(info["vocab_size"]), int(info["max_model_len"])
+        if prompt_tokens + max_tokens > ctx:
+            raise GptlabError(f"--prompt-tokens {prompt_tokens} + --max-tokens {max_tokens} exceed the model's "
+                              f"context ({ctx})")
+        gen = torch.Generator().manual_seed(seed)
+        prompts = torch.randint(0, vocab, (requests, prompt_tokens), generator=gen).tolist()
+        out["server"] = {k: info.get(k) for k in ("model", "device", "dtype", "max_batch", "max_model_len")}
+        # Warm-up: allocator, first-call paths, and every batch size up to `clients` in the engine.
+        asyncio.run(_load_test(url, headers, name, prompts[:clients], 4, clients))
+        _say(f"bench serve: warm-up done; {clients} clients x {requests} requests", quiet)
+        wall, res = asyncio.run(_load_test(url, headers, name, prompts, max_tokens, clients))
+        ttft, itl, ntok = _latencies(res)
+        out.update(seconds=wall, output_tokens=ntok, output_tokens_per_s=ntok / wall,
+                   ttft_p50_ms=_pct(ttft, 50), ttft_p99_ms=_pct(ttft, 99), itl_p50_ms=_pct(itl, 50),
+                   itl_p99_ms=_pct(itl, 99))
+        _say(f"bench serve: {clients} clients: {out['output_tokens_per_s']:.1f} tokens/s", quiet)
+        wall1, res1 = asyncio.run(_load_test(url, headers, name, prompts[:one_client_requests], max_tokens, 1))
+        ttft1, itl1, ntok1 = _latencies(res1)
+        out.update(one_client_seconds=wall1, one_client_tokens_per_s=ntok1 / wall1, ttft_unloaded_ms=_pct(ttft1, 50),
+                   itl_unloaded_ms=_pct(itl1, 50))
+        out["speedup_vs_one_client"] = out["output_tokens_per_s"] / out["one_client_tokens_per_s"]
+        _say(f"bench serve: 1 client: {out['one_client_tokens_per_s']:.1f} tokens/s", quiet)
+        if server is not None:
+            server.stop()
+    out["hf_tokens_per_s"] = out["speedup_vs_hf"] = None
+    if vs_hf:
+        hf, arch = hf_twin(net.to(dev, dt))
+        hf.eval()
+        out["hf_architecture"] = arch
+
+        def hf_generate(ids: list[int], n: int) -> None:
+            x = torch.tensor([ids], device=dev)
+            hf.generate(input_ids=x, attention_mask=torch.ones_like(x), do_sample=False, min_new_tokens=n,
+                        max_new_tokens=n, pad_token_id=0)
+
+        with torch.inference_mode():
+            hf_generate(prompts[0], 4)  # warm-up
+            t0 = time.perf_counter()
+            for ids in prompts[:one_client_requests]:
+                hf_generate(ids, max_tokens)
+                _sync(dev)
+            hf_s = time.perf_counter() - t0
+        out["hf_seconds"] = hf_s
+        out["hf_tokens_per_s"] = one_client_requests * max_tokens / hf_s
+        out["speedup_vs_hf"] = out["output_tokens_per_s"] / out["hf_tokens_per_s"]
+        _say(f"bench serve: transformers one by one: {out['hf_tokens_per_s']:.1f} tokens/s", quiet)
+    out["goals"] = {
+        "speedup_vs_one_client>=8": out["speedup_vs_one_client"] >= 8,
+        "speedup_vs_hf>=8": None if out["speedup_vs_hf"] is None else out["speedup_vs_hf"] >= 8,
+        "ttft_p50<=3x_unloaded": (out["ttft_p50_ms"] <= 3 * out["ttft_unloaded_ms"]
+                                  if out["ttft_p50_ms"] and out["ttft_unloaded_ms"] else None),
+    }
+    return out

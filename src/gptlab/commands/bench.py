@@ -9,7 +9,7 @@ from gptlab.commands import SRC_HELP, add_parser, device_arg, emit, json_arg, qu
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="benchmarks: train, generate, prepare, loader")
+    p = sub.add_parser("bench", help="benchmarks: train, generate, serve, prepare, loader")
     bsub = p.add_subparsers(dest="bench_task", metavar="WHAT", required=True)
     t = add_parser(bsub, "train", run_train, help="training step throughput, MFU, memory")
     t.add_argument("--model", default="gpt2", help="model preset")
@@ -41,6 +41,25 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--threads", type=int, default=0, help="CPU threads for torch (default: torch's choice)")
     device_arg(g)
     json_arg(g)
+    sv = add_parser(bsub, "serve", run_serve, help="load-test gptlab serve over HTTP (concurrent streaming clients)")
+    sv.add_argument("--model", default="gpt2", help="model preset (random weights) or " + SRC_HELP)
+    sv.add_argument("--clients", type=int, default=16, help="concurrent clients")
+    sv.add_argument("--requests", type=int, default=32, help="requests in the concurrent run")
+    sv.add_argument("--prompt-tokens", type=int, default=128)
+    sv.add_argument("--max-tokens", type=int, default=128, help="new tokens per request (exactly: ignore_eos)")
+    sv.add_argument("--one-client-requests", type=int, default=4,
+                    help="requests in the one-client run (and the --vs-hf run)")
+    sv.add_argument("--url", default=None, help="load-test this running server instead of starting one")
+    sv.add_argument("--api-key", default=None, help="Bearer key for --url")
+    sv.add_argument("--vs-hf", action="store_true",
+                    help="also serve the one-client requests one by one with transformers' generate")
+    sv.add_argument("--max-batch", type=int, default=None, help="server rows per batch (default: --clients)")
+    sv.add_argument("--dtype", default="float32")
+    sv.add_argument("--compile", action="store_true")
+    sv.add_argument("--quantize", default=None, choices=["int8"])
+    sv.add_argument("--seed", type=int, default=0)
+    device_arg(sv)
+    json_arg(sv)
     pr = add_parser(bsub, "prepare", run_prepare, help="tokenization throughput for 1..N workers")
     pr.add_argument("--input", help="text file to tokenize (default: a generated corpus)")
     pr.add_argument("--max-workers", type=int, default=0, help="default: all cores")
@@ -121,6 +140,33 @@ def run_generate(args: argparse.Namespace) -> int:
                        vs_hf=args.vs_hf, no_cache_baseline=args.no_cache_baseline,
                        overrides=getattr(args, "set", None), device=args.device, quiet=args.json)
     emit(r, args.json, _fmt_generate(r))
+    return 0
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    """``gptlab bench serve``."""
+    from gptlab.bench import bench_serve
+
+    r = bench_serve(args.model, clients=args.clients, requests=args.requests, prompt_tokens=args.prompt_tokens,
+                    max_tokens=args.max_tokens, url=args.url, api_key=args.api_key, vs_hf=args.vs_hf,
+                    one_client_requests=args.one_client_requests, dtype=args.dtype, device=args.device,
+                    max_batch=args.max_batch, compile=args.compile, quantize=args.quantize, seed=args.seed,
+                    quiet=args.json)
+
+    def ms(x: float | None) -> str:
+        return "n/a" if x is None else f"{x:.0f} ms"
+
+    lines = [f"device: {r['device_name']} ({r['device']}), torch {r['torch_version']}, dtype {r['dtype']}, "
+             f"load {r['loadavg']}",
+             f"{r['clients']} clients x {r['requests']} requests, prompt {r['prompt_tokens']} + {r['max_tokens']} "
+             f"new tokens: {r['output_tokens_per_s']:,.1f} output tokens/s "
+             f"({r['speedup_vs_one_client']:.2f}x one client alone: {r['one_client_tokens_per_s']:,.1f} tokens/s)",
+             f"TTFT p50 {ms(r['ttft_p50_ms'])}, p99 {ms(r['ttft_p99_ms'])} (unloaded {ms(r['ttft_unloaded_ms'])}); "
+             f"ITL p50 {ms(r['itl_p50_ms'])}, p99 {ms(r['itl_p99_ms'])}"]
+    if r["hf_tokens_per_s"] is not None:
+        lines.append(f"transformers generate, one request after another: {r['hf_tokens_per_s']:,.1f} tokens/s -> "
+                     f"{r['speedup_vs_hf']:.2f}x")
+    emit(r, args.json, lines)
     return 0
 
 
