@@ -21,6 +21,7 @@ from typing import Any, AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gptlab.server import chat
@@ -189,13 +190,18 @@ async def run_rows(state: ServerState, rows: list[Row], t0: float) -> AsyncItera
                 row.finish_reason = ev.finish_reason
             yield row, ev
     finally:
-        for r in live:
-            if r.finish_reason is None:  # the client left (or a row failed): free the batch slot
-                r.handle.cancel()
-                r.finish_reason = "cancelled"
-                m.rows_finished.labels("cancelled").inc()
+        cancel_unfinished(state, rows)
         for t in tasks:
             t.cancel()
+
+
+def cancel_unfinished(state: ServerState, rows: list[Row]) -> None:
+    """Cancel the rows still running (the client left, or a row failed): frees their batch slots."""
+    for r in rows:
+        if r.handle is not None and r.finish_reason is None:
+            r.handle.cancel()
+            r.finish_reason = "cancelled"
+            state.metrics.rows_finished.labels("cancelled").inc()
 
 
 async def until_disconnected(request: Request) -> None:
@@ -402,9 +408,12 @@ async def completions(state: ServerState, request: Request) -> Response:
         return text, logprobs_json(engine, prompts[r.prompt], lps, tops, n_top, 0)
 
     if req.stream:
+        # The background task also covers a client that leaves before the stream's first chunk, when the
+        # generator (whose cleanup cancels the rows) never started.
         return StreamingResponse(_stream(state, req, rows, t0, cid, created, engine, echo_part, usage, n_top),
                                  media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                                 background=BackgroundTask(cancel_unfinished, state, rows))
 
     async def collect() -> None:
         async for row, ev in run_rows(state, rows, t0):
