@@ -56,7 +56,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     sv.add_argument("--max-batch", type=int, default=None, help="server rows per batch (default: --clients)")
     sv.add_argument("--dtype", default="float32")
     sv.add_argument("--compile", action="store_true")
-    sv.add_argument("--quantize", default=None, choices=["int8"])
+    quantize_arg(sv)
     sv.add_argument("--seed", type=int, default=0)
     device_arg(sv)
     json_arg(sv)

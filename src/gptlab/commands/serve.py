@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from gptlab.commands import SRC_HELP, add_parser, device_arg
+from gptlab.commands import SRC_HELP, add_parser, device_arg, quantize_arg
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -29,7 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="rows allowed to wait for a batch slot; beyond it requests get 429 + Retry-After")
     p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
-    p.add_argument("--quantize", default=None, choices=["int8"], help="weight-only quantization")
+    quantize_arg(p)
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds running requests may take to finish after SIGTERM/SIGINT")
     p.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"],
