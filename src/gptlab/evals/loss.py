@@ -236,9 +236,9 @@ class ValLoss(Eval):
         want = cfg.eval.eval_tokens // per_batch if cfg.eval.eval_tokens else avail
         self.steps = max(1, min(want, avail))
         # Bytes per token id of the data's tokenizer, for val_bpb (None when it cannot be built).
-        from gptlab.data.shards import read_manifest
+        from gptlab.data.shards import open_manifest
 
-        tok = dataset_tokenizer(read_manifest(ctx.data_dir), ctx.data_dir, ctx.tokenizer)
+        tok = dataset_tokenizer(open_manifest(ctx.data_dir, cfg.data.val or None), ctx.data_dir, ctx.tokenizer)
         self.nbytes = byte_lengths_tensor(tok, ctx.device)
 
     @torch.no_grad()
