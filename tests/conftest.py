@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 import torch
@@ -12,6 +13,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# CPU kernel choice (gptlab.kernels): never write the user's cache, and keep plain nn.Linear unless a test
+# turns measuring on (a choice by timing could differ between two processes a test compares bit for bit).
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="gptlab-test-cache-")
+os.environ.setdefault("GPTLAB_ONEDNN", "0")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,31 +1,34 @@
-"""The oneDNN CPU linear: forward and gradients against ``F.linear``, fallbacks, and a model step."""
+"""The CPU kernel choice: every candidate equals F.linear (outputs and gradients), the measured choice is
+cached per machine, apply_cpu_kernels keeps the model's parameters, and fallbacks stay F.linear."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
+import json
 
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from gptlab import kernels
 from gptlab.config import ModelConfig
-from gptlab.kernels import Linear, linear
+from gptlab.kernels import TunedLinear, apply_cpu_kernels, linear
 from gptlab.model import GPT
 
-needs_onednn = pytest.mark.skipif(not kernels.ONEDNN, reason="oneDNN linear not available in this torch build")
+needs_onednn = pytest.mark.skipif(not kernels.onednn_available(), reason="oneDNN linear not in this torch build")
 
 
 @pytest.fixture
-def any_size(monkeypatch):
-    """Send every product, however small, through oneDNN (the tests' shapes are under MIN_MACS)."""
-    monkeypatch.setattr(kernels, "MIN_MACS", 0)
-    monkeypatch.setattr(kernels, "MIN_WEIGHT", 0)
+def auto(monkeypatch, tmp_path):
+    """Measuring on, a fresh cache directory, nothing remembered in memory."""
+    monkeypatch.setenv("GPTLAB_ONEDNN", "auto")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    kernels.clear_choices()
+    yield tmp_path / "cache" / "gptlab" / "kernels.json"
+    kernels.clear_choices()
 
 
-def _grads(fn, x, w, b, g):
+def _run(fn, x, w, b, g):
     for t in (x, w, b):
         if t is not None:
             t.grad = None
@@ -35,87 +38,145 @@ def _grads(fn, x, w, b, g):
 
 
 @needs_onednn
+@pytest.mark.parametrize("candidate", sorted(kernels.CANDIDATES))
 @pytest.mark.parametrize("shape", [(7, 16), (3, 5, 16), (2, 3, 4, 16)])
 @pytest.mark.parametrize("bias", [True, False])
-def test_forward_and_gradients_equal_f_linear(shape, bias, any_size):
+def test_each_candidate_equals_f_linear(candidate, shape, bias, monkeypatch, auto):
+    """Forced to one library for all three products: outputs and every gradient equal F.linear's."""
+    monkeypatch.setattr(kernels, "FORCE", candidate)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(shape, generator=gen, requires_grad=True)
     w = torch.randn(24, 16, generator=gen, requires_grad=True)
     b = torch.randn(24, generator=gen, requires_grad=True) if bias else None
     g = torch.randn(*shape[:-1], 24, generator=gen)
-    y, grads = _grads(linear, x, w, b, g)
-    y_ref, grads_ref = _grads(F.linear, x, w, b, g)
+    y, grads = _run(linear, x, w, b, g)
+    y_ref, grads_ref = _run(F.linear, x, w, b, g)
     assert y.shape == y_ref.shape and y.is_contiguous()
     torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    assert len(grads) == len(grads_ref)
     for a, r in zip(grads, grads_ref):
-        assert a.shape == r.shape and a.is_contiguous()
+        assert a.shape == r.shape
         torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-5)
-    fn = linear(x, w, b).grad_fn  # ViewBackward of the 2-D oneDNN product, or the product itself
-    chain = [fn] + [f for f, _ in fn.next_functions if f is not None]
-    assert any("OneDNN" in type(f).__name__ for f in chain)
+    with torch.no_grad():
+        torch.testing.assert_close(linear(x, w, b), y_ref, rtol=1e-5, atol=1e-5)
+    assert "TunedLinear" in type(linear(x, w, b).grad_fn.next_functions[0][0]).__name__
+    assert not auto.exists()  # forced: nothing measured
 
 
 @needs_onednn
-def test_strided_input_no_grad_and_in_place_after(any_size):
+def test_choice_is_measured_once_and_cached_per_machine(auto, monkeypatch):
+    x = torch.randn(40, 32, requires_grad=True)
+    w = torch.randn(48, 32, requires_grad=True)
+    y = linear(x, w)
+    y.sum().backward()
+    torch.testing.assert_close(y, F.linear(x, w), rtol=1e-5, atol=1e-5)
+    saved = json.loads(auto.read_text())
+    entries = saved[kernels.machine_key()]
+    kinds = sorted(k.split()[0] for k in entries)
+    assert kinds == ["fwd", "grad_in", "grad_w"]  # each product of the step measured once
+    for rec in entries.values():
+        assert rec["choice"] in kernels.CANDIDATES
+        assert rec["choice"] == min(kernels.CANDIDATES, key=lambda n: rec[f"{n}_us"])
+    # A new process (memory cleared) takes the choices from the file: no timing at all.
+    kernels.clear_choices()
+
+    def no_timing(*a, **k):
+        raise AssertionError("measured again although the cache has the shape")
+
+    monkeypatch.setattr(kernels, "_time_candidates", no_timing)
+    linear(torch.randn(40, 32, requires_grad=True), w).sum().backward()
+    # The file decides: flip every choice and the flipped one is used.
+    flipped = {k: {**v, "choice": "f.linear" if v["choice"] == "onednn" else "onednn"} for k, v in entries.items()}
+    auto.write_text(json.dumps({kernels.machine_key(): flipped}))
+    kernels.clear_choices()
+    assert kernels.choose("fwd", torch.randn(40, 32), w.detach()) == flipped[
+        next(k for k in flipped if k.startswith("fwd"))]["choice"]
+    # Another CPU model or torch version has its own entries: measured afresh.
+    auto.write_text(json.dumps({"Some Other CPU | torch 0.0": entries}))
+    kernels.clear_choices()
+    with pytest.raises(AssertionError, match="measured again"):
+        linear(torch.randn(40, 32), w.detach())
+
+
+def test_forced_choices_and_unwritable_cache(monkeypatch, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))  # a file where the directory should be
+    for env, want in (("0", "f.linear"), ("1", "onednn" if kernels.onednn_available() else "f.linear")):
+        monkeypatch.setenv("GPTLAB_ONEDNN", env)
+        kernels.clear_choices()
+        assert kernels.choose("fwd", torch.randn(4, 8), torch.randn(3, 8)) == want
+    monkeypatch.setenv("GPTLAB_ONEDNN", "auto")
+    kernels.clear_choices()
+    x, w = torch.randn(4, 8), torch.randn(3, 8)
+    torch.testing.assert_close(linear(x, w), F.linear(x, w))  # measured, cache not writable: still fine
+    kernels.clear_choices()
+
+
+def test_apply_swaps_modules_and_keeps_parameters(monkeypatch, tiny_config):
+    monkeypatch.setenv("GPTLAB_ONEDNN", "1")
+    model = GPT(tiny_config)
+    before = {k: v.data_ptr() for k, v in model.state_dict().items()}
+    params = [id(p) for p in model.parameters()]
+    assert apply_cpu_kernels(model) is model
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    assert linears and all(type(m) is TunedLinear for m in linears)
+    assert {k: v.data_ptr() for k, v in model.state_dict().items()} == before  # same names, same storage
+    assert [id(p) for p in model.parameters()] == params
+    assert model.lm_head.weight is model.transformer.wte.weight  # tying kept
+    assert model.transformer.h[0].attn.c_proj.residual_proj
+
+
+@pytest.mark.parametrize("case", ["env-off", "bf16", "meta"])
+def test_apply_is_a_no_op_off_cpu_fp32(case, monkeypatch, tiny_config):
+    monkeypatch.setenv("GPTLAB_ONEDNN", "0" if case == "env-off" else "1")
+    if case == "meta":
+        with torch.device("meta"):
+            model = GPT(tiny_config)
+    else:
+        model = GPT(tiny_config).to(torch.bfloat16 if case == "bf16" else torch.float32)
+    apply_cpu_kernels(model)
+    assert all(type(m) is nn.Linear for m in model.modules() if isinstance(m, nn.Linear))
+
+
+def test_falls_back_to_f_linear_for_other_dtypes_and_autocast(monkeypatch):
+    monkeypatch.setattr(kernels, "FORCE", "onednn")
+    x, w = torch.randn(3, 16, dtype=torch.bfloat16), torch.randn(8, 16, dtype=torch.bfloat16)
+    assert torch.equal(linear(x, w), F.linear(x, w))
+    xf, wf = torch.randn(3, 16, requires_grad=True), torch.randn(8, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = linear(xf, wf)
+        assert y.dtype == torch.bfloat16  # autocast applied, as F.linear would
+        assert "TunedLinear" not in type(y.grad_fn).__name__
+
+
+@needs_onednn
+def test_in_place_write_after_the_product(monkeypatch):
+    """The model writes -inf into padded logit columns in place: allowed on the output, grad mode or not."""
+    monkeypatch.setattr(kernels, "FORCE", "onednn")
     x = torch.randn(5, 4, 16).transpose(0, 1)  # non-contiguous (4, 5, 16)
-    w = torch.randn(8, 16)
-    with torch.no_grad():
-        torch.testing.assert_close(linear(x, w), F.linear(x, w), rtol=1e-5, atol=1e-5)
-    # The model writes -inf into padded logit columns in place: allowed on our output.
-    w.requires_grad_(True)
+    w = torch.randn(8, 16, requires_grad=True)
     y = linear(x, w)
     y[..., 6:] = float("-inf")
     y[..., :6].sum().backward()
     torch.testing.assert_close(w.grad[6:], torch.zeros(2, 16))
 
 
-def test_falls_back_to_f_linear_for_other_dtypes_and_autocast():
-    x, w = torch.randn(3, 16, dtype=torch.bfloat16), torch.randn(8, 16, dtype=torch.bfloat16)
-    assert torch.equal(linear(x, w), F.linear(x, w))
-    xf, wf = torch.randn(3, 16), torch.randn(8, 16)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert not kernels._use_onednn(xf, wf)
-        assert linear(xf, wf).dtype == torch.bfloat16  # autocast applied, as F.linear would
-    assert not kernels._use_onednn(xf.to(torch.float64), wf.to(torch.float64))
-
-
-def test_small_products_stay_on_f_linear():
-    """Small, cache-resident products (under MIN_MACS and MIN_WEIGHT) stay on F.linear, bit for bit."""
-    x, w = torch.randn(1, 128, requires_grad=True), torch.randn(384, 128, requires_grad=True)
-    assert x.numel() * w.size(0) < kernels.MIN_MACS and w.numel() < kernels.MIN_WEIGHT
-    assert torch.equal(linear(x, w), F.linear(x, w))
-    assert "OneDNN" not in type(linear(x, w).grad_fn).__name__
-    big = torch.randn(64, 768)
-    assert kernels._use_onednn(big, torch.randn(768, 768)) == kernels.ONEDNN  # many multiply-adds
-    one = torch.randn(1, 768)
-    assert kernels._use_onednn(one, torch.randn(768, 768)) == kernels.ONEDNN  # a weight streamed from memory
-
-
-def test_environment_switch_turns_it_off():
-    code = "from gptlab import kernels; print(kernels.ONEDNN)"
-    env = dict(os.environ, GPTLAB_ONEDNN="0")
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False"
-
-
-def test_linear_module_keeps_nn_linear_parameters():
-    m = Linear(16, 8, bias=True)
-    assert isinstance(m, torch.nn.Linear)
-    assert set(dict(m.named_parameters())) == {"weight", "bias"}
-    x = torch.randn(2, 16)
-    torch.testing.assert_close(m(x), F.linear(x, m.weight, m.bias), rtol=1e-5, atol=1e-5)
-
-
 @needs_onednn
-def test_training_steps_match_the_f_linear_model(monkeypatch, any_size):
-    """Ten AdamW steps of a padded-vocab model with and without oneDNN: the same losses to fp32 rounding."""
+@pytest.mark.parametrize("candidate", sorted(kernels.CANDIDATES))
+def test_training_steps_match_the_plain_model(candidate, monkeypatch):
+    """Ten AdamW steps of a padded-vocab model on each candidate and on plain nn.Linear: the same losses
+    to fp32 rounding, and the same final weights."""
     cfg = ModelConfig.from_preset("tiny", vocab_size=97, pad_vocab_multiple=64, bias=True)
     x = torch.randint(0, 97, (4, 17), generator=torch.Generator().manual_seed(0))
+    monkeypatch.setenv("GPTLAB_ONEDNN", "1")
 
-    def run(onednn: bool) -> list[float]:
-        monkeypatch.setattr(kernels, "ONEDNN", onednn)
+    def run(tuned: bool) -> tuple[list[float], dict[str, torch.Tensor]]:
         torch.manual_seed(0)
         m = GPT(cfg)
+        if tuned:
+            apply_cpu_kernels(m)
+            monkeypatch.setattr(kernels, "FORCE", candidate)
         opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
         losses = []
         for _ in range(10):
@@ -124,9 +185,26 @@ def test_training_steps_match_the_f_linear_model(monkeypatch, any_size):
             loss.backward()
             opt.step()
             losses.append(loss.item())
-        return losses
+        monkeypatch.setattr(kernels, "FORCE", None)
+        return losses, m.state_dict()
 
-    fast, ref = run(True), run(False)
+    (fast, w_fast), (ref, w_ref) = run(True), run(False)
     assert fast[-1] < fast[0] - 0.1  # it learns
-    for a, b in zip(fast, ref):
-        assert a == pytest.approx(b, rel=1e-4, abs=1e-5)
+    assert fast == pytest.approx(ref, rel=1e-4, abs=1e-5)
+    for k in w_ref:
+        torch.testing.assert_close(w_fast[k], w_ref[k], rtol=1e-3, atol=1e-4)
+
+
+def test_compiled_training_traces_through_tuned_layers(monkeypatch, tiny_config):
+    """torch.compile of a kernel-swapped model: one graph (no break), products as F.linear, same loss."""
+    monkeypatch.setenv("GPTLAB_ONEDNN", "1")
+    torch.manual_seed(0)
+    model = apply_cpu_kernels(GPT(tiny_config))
+    x = torch.randint(0, tiny_config.vocab_size, (2, 17), generator=torch.Generator().manual_seed(0))
+    eager = model(x[:, :-1], x[:, 1:])[1]
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    loss = compiled(x[:, :-1], x[:, 1:])[1]
+    loss.backward()
+    torch.testing.assert_close(loss, eager, rtol=1e-5, atol=1e-5)
+    assert model.lm_head.weight.grad is not None

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from gptlab.config import ModelConfig, MODEL_PRESETS, ConfigError, closest, parse_overrides
 from gptlab.errors import GptlabError
+from gptlab.kernels import apply_cpu_kernels
 from gptlab.model import GPT
 from gptlab.runtime import autocast, resolve_device, resolve_dtype
 
@@ -236,6 +237,7 @@ def bench_train(model: str = "gpt2", *, batch: int = 8, seq: int | None = None, 
     with torch.device(dev):
         net = GPT(cfg)
     net.init_weights(torch.Generator(device=dev).manual_seed(seed) if dev.type == "cuda" else gen)
+    apply_cpu_kernels(net)  # as `gptlab train` runs it (the transformers twin stays stock)
     n_params = net.num_params(non_embedding=True)
     x = torch.randint(0, cfg.vocab_size, (batch, T + 1), generator=gen).to(dev)
     x, y = x[:, :-1].contiguous(), x[:, 1:].contiguous()
@@ -396,6 +398,7 @@ def bench_generate(model: str = "gpt2", *, batch: int = 1, prompt_tokens: int = 
     dt = resolve_dtype(dtype, dev)
     torch.manual_seed(seed)
     net, weights = _load_for_generate(model, overrides, dev, dt, seed)
+    apply_cpu_kernels(net)
     net.eval()
     cfg = net.config
     if prompt_tokens + new_tokens > cfg.block_size:

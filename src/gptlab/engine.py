@@ -312,6 +312,7 @@ class Engine:
              max_cache_tokens: int | None = None, max_seq_len: int | None = None,
              use_kv_cache: bool = True) -> "Engine":
         """An engine over any model source ``--init`` accepts (run dir, HF dir, Hub name), with its tokenizer."""
+        from gptlab.kernels import apply_cpu_kernels
         from gptlab.loading import load_model
         from gptlab.runtime import resolve_device, resolve_dtype
 
@@ -322,6 +323,7 @@ class Engine:
             from gptlab.quantize import quantize_model
 
             quantize_model(model, quantize)
+        apply_cpu_kernels(model)  # fp32 on CPU only; quantized layers are not nn.Linear and stay
         return cls(model, tokenizer, name=str(src), max_batch=max_batch, max_queue=max_queue,
                    max_cache_tokens=max_cache_tokens, max_seq_len=max_seq_len, compile=compile,
                    use_kv_cache=use_kv_cache)

@@ -1,104 +1,258 @@
-"""fp32 matrix products on CPU through oneDNN instead of the BLAS behind ``torch.mm``.
+"""fp32 matrix products on CPU: oneDNN or ``F.linear`` (MKL), whichever is faster on this machine.
 
 Why: PyTorch's CPU wheels send fp32 ``mm``/``linear`` to Intel MKL, which picks its AVX2 code path on
 AMD processors even when they have AVX-512; oneDNN (also inside PyTorch) dispatches on the instruction
-set itself. On the AMD EPYC (Zen 5) machines this project is benchmarked on that is 2x the FLOP/s for
-the forward product and the input gradient (BENCHMARKS.md, "oneDNN linear"), and matrix products are
-most of a CPU training step and almost all of a decode step. On Intel CPUs the two libraries are on par.
+set itself. On AMD EPYC Zen 5 that was 2x the FLOP/s of the forward product; on Zen 4 it was no faster,
+and a oneDNN call costs ~12 us more than MKL's before any arithmetic, which loses on small products.
+No fixed rule holds on every CPU, so each product shape is timed once with both libraries, on first
+use, like cuDNN's benchmark mode, and the faster one is kept (:func:`choose`). The choices are cached
+per CPU model, torch version and thread count in ``$XDG_CACHE_HOME/gptlab/kernels.json`` (default
+``~/.cache/gptlab``), so later runs reuse them. ``GPTLAB_ONEDNN=0`` keeps plain ``nn.Linear``;
+``GPTLAB_ONEDNN=1`` sends every product to oneDNN without measuring.
 
-The entry point is :func:`linear`, a drop-in for ``F.linear`` with the same autograd semantics; it
-falls back to ``F.linear`` wherever oneDNN would not be the plain fp32 CPU product (GPU, bf16/fp16,
-autocast, inside ``torch.compile`` -- inductor picks its own kernels) and when ``GPTLAB_ONEDNN=0``.
-There is no public fp32 oneDNN matmul in PyTorch, so this uses the operator inductor itself lowers
-CPU linears to (``torch.ops.mkldnn._linear_pointwise``), checked once at import.
+The model itself holds plain ``nn.Linear`` modules; :func:`apply_cpu_kernels` swaps them for
+:class:`TunedLinear` (same parameters, names and state dict) from outside, for the commands that run on
+CPU. ``TunedLinear`` falls back to ``F.linear`` wherever oneDNN would not be the plain fp32 CPU product:
+other devices, bf16/fp16, autocast, and inside ``torch.compile``, where inductor picks its own kernels.
+There is no public fp32 oneDNN matmul in PyTorch, so this uses the operator inductor itself lowers CPU
+linears to (``torch.ops.mkldnn._linear_pointwise``), checked once.
 """
 
 from __future__ import annotations
 
+import functools
+import json
 import os
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+# Products with more rows are timed on their first MEASURE_ROWS rows: speed per row is flat by then,
+# and timing the full 8192-row GPT-2 head twice would take seconds.
+MEASURE_ROWS = 512
+# Per candidate: about this much time per timed round, and at most this many rounds (alternating).
+ROUND_S = 2e-3
+MAX_ROUNDS = 5
 
-def _onednn_available() -> bool:
-    if os.environ.get("GPTLAB_ONEDNN", "1").strip().lower() in ("0", "false", "no", "off"):
-        return False
+
+def mode() -> str:
+    """``off`` (GPTLAB_ONEDNN=0 or no usable oneDNN), ``onednn`` (GPTLAB_ONEDNN=1) or ``auto``."""
+    env = os.environ.get("GPTLAB_ONEDNN", "auto").strip().lower()
+    if env in ("0", "false", "no", "off") or not onednn_available():
+        return "off"
+    return "onednn" if env in ("1", "true", "yes", "on") else "auto"
+
+
+@functools.cache
+def onednn_available() -> bool:
+    """Whether this torch build has the oneDNN linear operator and it computes ``F.linear``."""
     try:
         if not torch.backends.mkldnn.is_available():
             return False
-        op = torch.ops.mkldnn._linear_pointwise
         x, w = torch.ones(2, 3), torch.ones(4, 3)
-        return bool(torch.equal(op(x, w, None, "none", [], ""), F.linear(x, w)))
+        return bool(torch.equal(_onednn_mm_t(x, w), F.linear(x, w)))
     except (AttributeError, RuntimeError):
         return False
 
 
-ONEDNN = _onednn_available()
-
-
-def _mm_t(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def _onednn_mm_t(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``a @ b.T (+ bias)`` by oneDNN: ``a`` (..., K), ``b`` (N, K), strided views allowed; a new
     contiguous (..., N) tensor."""
     return torch.ops.mkldnn._linear_pointwise(a, b, bias, "none", [], "")
 
 
-class _OneDNNLinear(torch.autograd.Function):
-    """2-D ``x @ weight.T + bias`` with oneDNN products in both directions. Callers reshape outside:
-    an output that is a view made inside a Function could not be modified in place afterwards."""
+CANDIDATES: dict[str, Callable[..., torch.Tensor]] = {"onednn": _onednn_mm_t, "f.linear": F.linear}
+FORCE: str | None = None  # a CANDIDATES name to use for every product (tests compare candidates with it)
+
+# --------------------------------------------------------------------------- the choice and its cache
+
+_choices: dict[tuple, str] = {}  # (kind, rows bucket, N, K, bias, threads) -> candidate name
+_file_entries: dict[str, str] | None = None  # this machine's entries of the cache file, read once
+
+
+def cache_path() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "gptlab" / "kernels.json"
+
+
+@functools.cache
+def machine_key() -> str:
+    """What a measured choice depends on besides the shape: the CPU model and the torch version."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu} | torch {torch.__version__}"
+
+
+def _shape_str(key: tuple) -> str:
+    kind, rows, n, k, bias, threads = key
+    return f"{kind} rows<={rows} N={n} K={k} bias={int(bias)} threads={threads}"
+
+
+def _read_file() -> dict[str, str]:
+    try:
+        saved = json.loads(cache_path().read_text(encoding="utf-8")).get(machine_key(), {})
+        return {k: v["choice"] for k, v in saved.items() if v.get("choice") in CANDIDATES}
+    except (OSError, ValueError, AttributeError, TypeError):
+        return {}  # no cache yet, or unreadable: measure again
+
+
+def _save(key: tuple, record: dict) -> None:
+    """Add one measurement to the cache file (read-merge-replace, so concurrent runs lose nothing
+    worse than one entry); a cache that cannot be written only costs a re-measurement later."""
+    path = cache_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            data = data if isinstance(data, dict) else {}
+        except (OSError, ValueError):
+            data = {}
+        data.setdefault(machine_key(), {})[_shape_str(key)] = record
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=True), encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError:
+        pass
+
+
+def _time_candidates(run: dict[str, Callable[[], object]]) -> dict[str, float]:
+    """Median seconds per call of each candidate, timed in alternating rounds (a busy machine slows
+    them alike) after two warm-up calls (the first builds oneDNN's primitive)."""
+    per_call: dict[str, float] = {}
+    for name, fn in run.items():
+        fn()
+        t0 = time.perf_counter()
+        fn()
+        per_call[name] = max(time.perf_counter() - t0, 1e-7)
+    slowest = max(per_call.values())
+    reps = {name: max(1, min(100, int(ROUND_S / t))) for name, t in per_call.items()}
+    rounds = max(1, min(MAX_ROUNDS, int(10 * ROUND_S / slowest)))
+    times: dict[str, list[float]] = {name: [] for name in run}
+    for _ in range(rounds):
+        for name, fn in run.items():
+            t0 = time.perf_counter()
+            for _ in range(reps[name]):
+                fn()
+            times[name].append((time.perf_counter() - t0) / reps[name])
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def choose(kind: str, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> str:
+    """The candidate (``onednn`` or ``f.linear``) for ``a @ b.T (+ bias)``, a (M, K) and b (N, K):
+    cached, else measured on these very tensors. ``kind`` names the product's role and layout
+    (``fwd``, ``grad_in``, ``grad_w``): the same shapes in another layout may favour the other library."""
+    rows = a.size(0)
+    key = (kind, 1 << max(rows - 1, 0).bit_length(), b.size(0), a.size(-1), bias is not None,
+           torch.get_num_threads())
+    got = FORCE or _choices.get(key)
+    if got is not None:
+        return got
+    forced = mode()
+    if forced != "auto":  # GPTLAB_ONEDNN=0/1 (or no oneDNN): no measuring
+        _choices[key] = "f.linear" if forced == "off" else "onednn"
+        return _choices[key]
+    global _file_entries
+    if _file_entries is None:
+        _file_entries = _read_file()
+    got = _file_entries.get(_shape_str(key))
+    if got is not None:
+        _choices[key] = got
+        return got
+    if kind == "grad_w":  # rows are the output; the long shared dimension is what to shorten
+        a, b = a[:, :MEASURE_ROWS * 4], b[:, :MEASURE_ROWS * 4]
+    else:
+        a = a[:MEASURE_ROWS]
+    with torch.no_grad():
+        secs = _time_candidates({name: (lambda f=f: f(a, b, bias)) for name, f in CANDIDATES.items()})
+    best = min(secs, key=secs.__getitem__)
+    _choices[key] = _file_entries[_shape_str(key)] = best
+    _save(key, {"choice": best, **{f"{n}_us": round(s * 1e6, 2) for n, s in secs.items()}})
+    return best
+
+
+def clear_choices() -> None:
+    """Forget the choices held in memory (the cache file stays): the next product re-reads or re-measures."""
+    global _file_entries
+    _choices.clear()
+    _file_entries = None
+
+
+def mm_t(kind: str, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``a @ b.T (+ bias)`` (a 2-D) by the faster library for this shape."""
+    return CANDIDATES[choose(kind, a, b, bias)](a, b, bias)
+
+
+# --------------------------------------------------------------------------- the linear layer
+
+
+class _TunedLinearFn(torch.autograd.Function):
+    """2-D ``x @ weight.T + bias`` where each of the three products (forward, input gradient, weight
+    gradient) goes to its own faster library. Callers reshape outside: an output that is a view made
+    inside a Function could not be modified in place afterwards."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
-        return _mm_t(x, weight, bias)  # (M, N)
+        return mm_t("fwd", x, weight, bias)  # (M, N)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         x, weight = ctx.saved_tensors
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:
-            gx = _mm_t(grad, weight.t())  # (M, N) @ (N, K)
+            gx = mm_t("grad_in", grad, weight.t())  # (M, N) @ (N, K)
         if ctx.needs_input_grad[1]:
-            # (N, M) @ (M, K); oneDNN copies the transposed left operand, and still beats MKL here.
-            gw = _mm_t(grad.t(), x.t())
+            gw = mm_t("grad_w", grad.t(), x.t())  # (N, M) @ (M, K)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             gb = grad.sum(0)
         return gx, gw, gb
 
 
-# A oneDNN call costs ~12 us more than MKL's before any arithmetic (primitive lookup). That loses on
-# products that are both small and cache-resident -- a one-token step of a 128-wide model ran 2x slower --
-# so oneDNN takes a product only when it has at least MIN_MACS multiply-adds (rows x out x in; measured
-# crossover 0.6M-1.5M with hot caches) or a weight of at least MIN_WEIGHT elements (512 KB in fp32),
-# which a decode step streams from memory, where oneDNN's ~1.8x faster matrix-vector product wins back the
-# fixed cost (a 256-wide GPT-2-shaped model decodes 1.5x faster with its 196K-element weights on oneDNN).
-MIN_MACS = 1_500_000
-MIN_WEIGHT = 131_072
-
-
-def _use_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    # Cheapest tests first: a decode step asks this ~100 times per token.
-    return (ONEDNN and (weight.numel() >= MIN_WEIGHT or x.numel() * weight.size(0) >= MIN_MACS)
-            and x.device.type == "cpu"
-            and x.dtype == torch.float32 and weight.dtype == torch.float32 and x.dim() >= 2
-            and not torch.compiler.is_compiling() and not torch.is_autocast_enabled("cpu"))
-
-
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear`` (x @ weight.T + bias), through oneDNN for fp32 on CPU (see the module docstring)."""
-    if not _use_onednn(x, weight):
+    """``F.linear`` (x @ weight.T + bias), each fp32 CPU product on the faster library (module docstring)."""
+    if (torch.compiler.is_compiling() or x.device.type != "cpu" or x.dtype != torch.float32
+            or weight.dtype != torch.float32 or x.dim() < 2 or torch.is_autocast_enabled("cpu")):
         return F.linear(x, weight, bias)
+    x2 = x.reshape(-1, x.size(-1))  # (M, K)
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                     or (bias is not None and bias.requires_grad)):
-        y = _OneDNNLinear.apply(x.reshape(-1, x.size(-1)), weight, bias)  # (M, N)
-        return y.view(*x.shape[:-1], weight.size(0))  # (..., N)
-    return _mm_t(x, weight, bias)
+        y = _TunedLinearFn.apply(x2, weight, bias)  # (M, N)
+    else:
+        y = mm_t("fwd", x2, weight, bias)
+    return y.view(*x.shape[:-1], weight.size(0))  # (..., N)
 
 
-class Linear(nn.Linear):
+class TunedLinear(nn.Linear):
     """``nn.Linear`` (same parameters, names and init) whose product goes through :func:`linear`."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias)
+
+
+def apply_cpu_kernels(model: nn.Module) -> nn.Module:
+    """Swap every plain ``nn.Linear`` of ``model`` for :class:`TunedLinear`, in place (the modules keep
+    their parameters, so names, state dicts, tied weights and optimizers are unaffected); returns it.
+
+    A no-op unless the model is fp32 on CPU and ``GPTLAB_ONEDNN`` is not 0. Call it before
+    ``torch.compile`` / DDP wrapping; under compile the layers trace as ``F.linear``.
+    """
+    p = next(model.parameters(), None)
+    if p is None or p.device.type != "cpu" or p.dtype != torch.float32 or mode() == "off":
+        return model
+    for module in model.modules():
+        if type(module) is nn.Linear:
+            module.__class__ = TunedLinear
+    return model

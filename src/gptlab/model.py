@@ -2,7 +2,8 @@
 
 Parameter names are Hugging Face GPT-2's (``transformer.h.0.attn.c_attn.weight`` ...), stored as
 ``nn.Linear`` (out, in); the Conv1D transposes needed for HF checkpoints live in ``hf.py`` only.
-No I/O, no printing, no distributed code here.
+No I/O, no printing, no distributed code, no custom kernels here: speed-ups are applied from
+outside by swapping modules (``gptlab.kernels.apply_cpu_kernels``).
 
 References: OpenAI GPT-2 (https://github.com/openai/gpt-2/blob/master/src/model.py),
 nanoGPT's model.py, and for the modern switches Llama/Qwen3 in transformers and modded-nanogpt.
@@ -17,7 +18,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gptlab.config import ModelConfig
-from gptlab.kernels import Linear  # nn.Linear whose fp32 CPU product goes through oneDNN
 
 IGNORE_INDEX = -1  # targets equal to this contribute nothing to the loss
 
@@ -116,8 +116,8 @@ class CausalSelfAttention(nn.Module):
         self.layer_idx = layer_idx
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.kv_heads, config.head_dim
         # q, k, v projections in one matmul; k/v are narrower under grouped-query attention.
-        self.c_attn = Linear(config.n_embd, (self.n_head + 2 * self.n_kv_head) * self.head_dim, bias=config.bias)
-        self.c_proj = Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.c_attn = nn.Linear(config.n_embd, (self.n_head + 2 * self.n_kv_head) * self.head_dim, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.c_proj.residual_proj = True  # marks the 1/sqrt(2 * n_layer) init
         if config.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.norm_eps)
@@ -151,27 +151,46 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
+    """GPT-2's MLP: c_fc, GELU (``config.gelu``: tanh as GPT-2, or erf), c_proj. The variants below change
+    only the activation (and c_fc's width); :data:`MLPS` maps ``config.mlp`` to the class."""
+
+    fc_mult = 1  # c_fc outputs fc_mult * hidden features
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.kind = config.mlp
+        # GPT-2's GELU is the tanh approximation; nanoGPT-style checkpoints use the exact (erf) form.
         self.gelu_approximate = "tanh" if config.gelu == "tanh" else "none"
         hidden = config.hidden_dim
-        # SwiGLU keeps gate and up projections in one matmul: c_fc outputs [gate; up].
-        self.c_fc = Linear(config.n_embd, 2 * hidden if self.kind == "swiglu" else hidden, bias=config.bias)
-        self.c_proj = Linear(hidden, config.n_embd, bias=config.bias)
+        self.c_fc = nn.Linear(config.n_embd, self.fc_mult * hidden, bias=config.bias)
+        self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
         self.c_proj.residual_proj = True
         self.dropout = make_dropout(config.dropout)
 
+    def act(self, h: torch.Tensor) -> torch.Tensor:
+        return F.gelu(h, approximate=self.gelu_approximate)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.c_fc(x)
-        if self.kind == "gelu":
-            h = F.gelu(h, approximate=self.gelu_approximate)  # GPT-2's is the tanh form, nanoGPT's exact
-        elif self.kind == "relu2":
-            h = F.relu(h).square()
-        else:
-            gate, up = h.chunk(2, dim=-1)
-            h = F.silu(gate) * up
-        return self.dropout(self.c_proj(h))
+        return self.dropout(self.c_proj(self.act(self.c_fc(x))))
+
+
+class ReLU2MLP(MLP):
+    """Squared ReLU (Primer; modded-nanogpt)."""
+
+    def act(self, h: torch.Tensor) -> torch.Tensor:
+        return F.relu(h).square()
+
+
+class SwiGLUMLP(MLP):
+    """SwiGLU (Llama): gate and up projections in one matmul, c_fc outputs [gate; up]."""
+
+    fc_mult = 2
+
+    def act(self, h: torch.Tensor) -> torch.Tensor:
+        gate, up = h.chunk(2, dim=-1)
+        return F.silu(gate) * up
+
+
+MLPS: dict[str, type[MLP]] = {"gelu": MLP, "relu2": ReLU2MLP, "swiglu": SwiGLUMLP}
 
 
 class Block(nn.Module):
@@ -182,7 +201,7 @@ class Block(nn.Module):
         self.ln_1 = make_norm(config)
         self.attn = CausalSelfAttention(config, layer_idx)
         self.ln_2 = make_norm(config)
-        self.mlp = MLP(config)
+        self.mlp = MLPS[config.mlp](config)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
                 kv_cache: KVCache | None = None, input_pos: torch.Tensor | None = None,
@@ -210,7 +229,7 @@ class GPT(nn.Module):
             # Not persistent: derived from the config, rebuilt by init_weights() after meta-device init.
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
-        self.lm_head = Linear(config.n_embd, V, bias=False)
+        self.lm_head = nn.Linear(config.n_embd, V, bias=False)
         if config.tie_embeddings:
             # Weight tying (Press & Wolf 2016), as GPT-2: one matrix embeds and un-embeds.
             self.lm_head.weight = self.transformer.wte.weight

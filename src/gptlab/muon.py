@@ -176,12 +176,12 @@ class MuonAdamW(torch.optim.Optimizer):
 
 def _fused_split(module: nn.Module) -> list[int]:
     """Row blocks of a fused projection that are separate matrices in the math ([] when not fused)."""
-    from gptlab.model import MLP, CausalSelfAttention
+    from gptlab.model import CausalSelfAttention, SwiGLUMLP
 
     if isinstance(module, CausalSelfAttention):
         q, kv = module.n_head * module.head_dim, module.n_kv_head * module.head_dim
         return [q, kv, kv]  # c_attn = [W_q; W_k; W_v]
-    if isinstance(module, MLP) and module.kind == "swiglu":
+    if isinstance(module, SwiGLUMLP):
         h = module.c_proj.in_features
         return [h, h]  # c_fc = [W_gate; W_up]
     return []

@@ -36,6 +36,7 @@ from gptlab import hooks
 from gptlab.checkpoint import prune_checkpoints, read_meta
 from gptlab.config import ConfigError, TrainConfig, to_dict
 from gptlab.errors import GptlabError
+from gptlab.kernels import apply_cpu_kernels
 from gptlab.evals.registry import Eval, EvalContext, EvalOff, due, registered
 from gptlab.metrics import MetricsLogger, flops_per_token, format_step, mfu, peak_flops
 from gptlab.model import GPT
@@ -243,6 +244,7 @@ def build(cfg: TrainConfig, info: gdist.DistInfo, device: torch.device) -> Train
         raise ConfigError(f"batch.seq_len={cfg.seq_len} exceeds the model's context ({raw.config.block_size})")
     raw.to(device)
     raw.train()
+    apply_cpu_kernels(raw)  # CPU fp32 only; in place, before wrapping: the parameters stay the same objects
     # Dropout draws from the global generator; ranks get different streams, as nanoGPT's seed offset.
     seed_everything(cfg.system.seed + info.rank)
     parallel = gdist.Parallel(info, fsdp=cfg.system.fsdp)

@@ -45,6 +45,7 @@ def run_hellaswag(args: argparse.Namespace) -> int:
     from gptlab.errors import GptlabError
     from gptlab.evals import GPT2_HELLASWAG_ACC_NORM
     from gptlab.evals.hellaswag import HELLASWAG_SIZES, evaluate_hellaswag, load_hellaswag
+    from gptlab.kernels import apply_cpu_kernels
     from gptlab.loading import load_model
     from gptlab.runtime import resolve_device, resolve_dtype
 
@@ -56,6 +57,7 @@ def run_hellaswag(args: argparse.Namespace) -> int:
     dtype = resolve_dtype(args.dtype, device)
     examples = load_hellaswag(args.input, args.split, progress=not args.json)
     model, tokenizer = load_model(args.init, device=device)
+    apply_cpu_kernels(model)
     model.eval()
     if tokenizer is None or getattr(tokenizer, "name", None) != "gpt2":
         kind = getattr(tokenizer, "name", "no")
@@ -82,6 +84,7 @@ def run_loss(args: argparse.Namespace) -> int:
     """``gptlab eval loss --init SRC --data DIR [--tokens N] [--seq-len T] [--json]``."""
     from gptlab.data.shards import open_manifest
     from gptlab.evals.loss import evaluate_loss
+    from gptlab.kernels import apply_cpu_kernels
     from gptlab.loading import load_model
     from gptlab.runtime import resolve_device, resolve_dtype
 
@@ -93,6 +96,7 @@ def run_loss(args: argparse.Namespace) -> int:
         from gptlab.quantize import quantize_model
 
         quantize_model(model, args.quantize)
+    apply_cpu_kernels(model)  # after quantizing: quantized layers are not nn.Linear and stay
     res = evaluate_loss(model, args.data, split=args.split, val=args.val, tokens=args.tokens, seq_len=args.seq_len,
                         batch_size=args.batch_size, device=device, dtype=dtype, tokenizer=tokenizer,
                         progress=not args.json)
