@@ -16,6 +16,7 @@ import torch
 from gptlab import bench
 from gptlab.cli import main
 from gptlab.config import ModelConfig
+from gptlab.errors import GptlabError
 from gptlab.model import GPT
 
 TRAIN_KEYS = {"bench", "model", "config", "batch", "seq", "dtype", "device", "device_name", "torch_version",
@@ -81,28 +82,17 @@ def test_hf_copy_computes_the_same_function(sets):
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
 
 
-def test_flops_per_token_gpt2():
-    cfg = ModelConfig.from_preset("gpt2")
-    with torch.device("meta"):
-        n = GPT(cfg).num_params(non_embedding=True)
-    assert n == 124_439_808 - 1024 * 768  # position embeddings excluded
-    # Independent count: per layer 12 C^2 weights (+ biases, norms), plus wte and ln_f.
-    C, L, V = 768, 12, 50257
-    per_layer = 12 * C * C + 13 * C  # qkv 3C^2+3C, proj C^2+C, fc 4C^2+4C, fc_proj 4C^2+C, 2 norms 4C
-    assert n == L * per_layer + V * C + 2 * C
-    assert bench.flops_per_token(cfg, n, 1024) == 6 * n + 12 * 12 * 12 * 64 * 1024
+def test_bench_train_reports_the_trainers_flops_and_peak(monkeypatch):
+    """bench and the trainer share one FLOPs formula and one GPU peak table (gptlab.metrics)."""
+    from gptlab import metrics
 
-
-def test_peak_tables(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
-    cuda = torch.device("cuda")
-    assert bench._lookup(bench.PEAK_BF16_TFLOPS, cuda) == 989.0
-    assert bench._lookup(bench.PEAK_HBM_GBPS, cuda) == 3350.0
+    r = bench.bench_train("tiny", batch=1, seq=8, steps=1, warmup=0, rounds=1, device="cpu", quiet=True)
+    cfg = ModelConfig(**r["config"])
+    assert r["flops_per_token"] == metrics.flops_per_token(cfg, 8, r["n_params"])
+    assert r["flops_formula"] == metrics.FLOPS_FORMULA
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 PCIe")
-    assert bench._lookup(bench.PEAK_BF16_TFLOPS, cuda) == 756.0
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-40GB")
-    assert bench._lookup(bench.PEAK_BF16_TFLOPS, cuda) == 312.0
-    assert bench._lookup(bench.PEAK_BF16_TFLOPS, torch.device("cpu")) is None
+    assert bench.gpu_peak_flops(torch.device("cuda")) == metrics.peak_flops("NVIDIA H100 PCIe") == 756e12
+    assert bench.gpu_peak_flops(torch.device("cpu")) is None
 
 
 def test_decode_bytes_per_step_counts_weights_and_cache():
@@ -129,11 +119,30 @@ def test_bench_generate_json(capsys):
     assert math.isfinite(r["speedup_vs_hf"])
 
 
-def test_recipe_model_section():
+def test_recipe_model_section(tmp_path, monkeypatch):
+    monkeypatch.setenv("GPTLAB_DATA_HOME", str(tmp_path / "data"))
     cfg = bench.resolve_model_config("shakespeare-char-cpu", ["dropout=0.1"])
-    # The recipe inherits bias=false and vocab "from the dataset" from shakespeare-char.
+    # The recipe inherits bias=false and vocab "from the dataset" from shakespeare-char, whose pinned
+    # corpus fixes the character vocabulary before it is prepared.
     assert (cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.block_size) == (4, 4, 128, 64)
     assert cfg.bias is False and cfg.vocab_size == 65 and cfg.dropout == 0.1
+
+
+def test_recipe_vocabulary_comes_from_the_dataset_not_its_name(tmp_path, tiny_corpus):
+    """A char dataset of another corpus: its prepared manifest decides; unprepared, a clear error."""
+    from gptlab.data.prepare import prepare_dataset
+    from gptlab.data.shards import read_manifest
+
+    recipe = tmp_path / "my-char.toml"
+    data = tmp_path / "d"
+    recipe.write_text(f'[data]\ndataset = "text"\ntokenizer = "char"\ndir = "{data}"\n'
+                      '[model]\nn_layer = 1\nn_head = 2\nn_embd = 16\nblock_size = 16\n')
+    with pytest.raises(GptlabError, match="not prepared yet.*vocab_size"):
+        bench.resolve_model_config(str(recipe))
+    prepare_dataset("text", input=str(tiny_corpus), out=tmp_path / "d", tokenizer="char")
+    want = read_manifest(tmp_path / "d")["vocab_size"]
+    assert want != 65 and bench.resolve_model_config(str(recipe)).vocab_size == want
+    assert bench.resolve_model_config(str(recipe), ["vocab_size=99"]).vocab_size == 99
 
 
 def test_bench_prepare_json(capsys, tiny_corpus):

@@ -2,11 +2,9 @@
 
 Every number here is measured in one process. Comparisons against ``transformers`` alternate
 A/B/A/B rounds so that a noisy, shared machine slows both sides alike, and report medians.
-CUDA is synchronised before every timer read; nothing else in a timed region syncs with the host.
 
-FLOPs per token (training, forward + backward) follow the PaLM appendix B / nanoGPT estimate:
-``6 * N + 12 * L * H * Q * T`` with N the parameters without position embeddings, L layers,
-H heads, Q head size and T the sequence length (the second term is attention's QK^T and AV).
+Timing is :func:`gptlab.timing.alternate`; FLOPs per token and GPU peaks are :mod:`gptlab.metrics`'
+(the same figures the trainer reports).
 """
 
 from __future__ import annotations
@@ -16,8 +14,6 @@ import json
 import os
 import platform
 import resource
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,69 +26,17 @@ import torch.nn.functional as F
 from gptlab.config import ModelConfig, MODEL_PRESETS, ConfigError, closest, parse_overrides
 from gptlab.errors import GptlabError
 from gptlab.kernels import apply_cpu_kernels
+from gptlab.metrics import FLOPS_FORMULA, flops_per_token, mfu, peak_bandwidth, peak_flops
 from gptlab.model import GPT
-from gptlab.runtime import autocast, resolve_device, resolve_dtype
-
-# Dense bf16 tensor-core peaks (TFLOP/s) from the vendors' data sheets; the first matching name wins,
-# so more specific names come first.
-PEAK_BF16_TFLOPS: list[tuple[str, float]] = [
-    ("H200", 989.0),
-    ("GH200", 989.0),
-    ("H100 PCIe", 756.0),
-    ("H100", 989.0),  # SXM / HBM3
-    ("A100", 312.0),
-    ("L40S", 362.0),
-    ("A10G", 70.0),
-    ("RTX 4090", 165.0),
-]
-# HBM bandwidth peaks (GB/s) for the decoding bandwidth-utilisation figure.
-PEAK_HBM_GBPS: list[tuple[str, float]] = [
-    ("H200", 4800.0),
-    ("GH200", 4000.0),
-    ("H100 PCIe", 2000.0),
-    ("H100", 3350.0),
-    ("A100-SXM4-80GB", 2039.0),
-    ("A100 80GB PCIe", 1935.0),
-    ("A100", 1555.0),
-    ("L40S", 864.0),
-    ("A10G", 600.0),
-    ("RTX 4090", 1008.0),
-]
-
+from gptlab.runtime import autocast, cpu_model, git_sha, resolve_device, resolve_dtype
+from gptlab.timing import alternate, split_calls
 
 # --------------------------------------------------------------------------- environment
 
 
-def _lookup(table: list[tuple[str, float]], device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    for key, value in table:
-        if key in name:
-            return value
-    return None
-
-
 def device_name(device: torch.device) -> str:
-    """Human name of the device: the GPU name, or the CPU model from /proc/cpuinfo."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).resolve().parent)
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
+    """Human name of the device: the GPU name, or the CPU model."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
 
 
 def environment(device: torch.device) -> dict[str, Any]:
@@ -104,7 +48,7 @@ def environment(device: torch.device) -> dict[str, Any]:
         "python_version": platform.python_version(),
         "num_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
-        "commit": _git_commit(),
+        "commit": git_sha(short=True),
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     try:
@@ -125,15 +69,34 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+class PeakMemory:
+    """Peak memory per contender, as an ``around`` hook of :func:`alternate`: on CUDA the allocator's
+    peak over the contender's warm-up and rounds; on CPU the process high-water mark when the contender
+    first finished (a later contender's figure includes what earlier ones still hold)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.mb: dict[str, float] = {}
+        self.kind = "cuda_max_memory_allocated" if device.type == "cuda" else "cpu_max_rss"
+
+    def __call__(self, name: str, when: str) -> None:
+        if self.device.type != "cuda":
+            if when == "end":
+                self.mb.setdefault(name, _max_rss_mb())
+        elif when == "start":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            self.mb[name] = max(self.mb.get(name, 0.0), torch.cuda.max_memory_allocated(self.device) / 2**20)
+
+
+def gpu_peak_flops(device: torch.device) -> float | None:
+    return peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+
+
 def _max_rss_mb() -> float:
     # ru_maxrss is KiB on Linux, bytes on macOS.
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024
-
-
-def _summary(times_s: list[float]) -> dict[str, float]:
-    return {"median_ms": 1e3 * statistics.median(times_s), "mean_ms": 1e3 * statistics.fmean(times_s),
-            "min_ms": 1e3 * min(times_s), "max_ms": 1e3 * max(times_s)}
 
 
 def _say(msg: str, quiet: bool) -> None:
@@ -146,8 +109,8 @@ def _say(msg: str, quiet: bool) -> None:
 
 def resolve_model_config(name: str, overrides: list[str] | dict[str, Any] | None = None) -> ModelConfig:
     """A model preset (gpt2, tiny, ...) or a training recipe / TOML file (its ``[model]`` section),
-    then ``key=value`` overrides. A recipe's ``vocab_size = 0`` ("from the dataset") becomes 65 for
-    character datasets and GPT-2's 50257 otherwise."""
+    then ``key=value`` overrides. A recipe's ``vocab_size = 0`` ("from the dataset") is read from the
+    dataset: its prepared manifest, else the vocabulary its tokenizer fixes in advance."""
     sets = overrides if isinstance(overrides, dict) else _parse_sets(overrides or [])
     if name in MODEL_PRESETS:
         return ModelConfig.from_preset(name, **sets)
@@ -160,10 +123,29 @@ def resolve_model_config(name: str, overrides: list[str] | dict[str, Any] | None
                           f"({', '.join(MODEL_PRESETS)}) nor a recipe (gptlab train --config names) "
                           f"or .toml file") from None
     section = dict(recipe.get("model", {}))
-    if not section.get("vocab_size"):
-        dataset = str(recipe.get("data", {}).get("dataset", ""))
-        section["vocab_size"] = 65 if "char" in dataset else 50257
+    if not section.get("vocab_size") and not sets.get("vocab_size"):
+        section["vocab_size"] = _dataset_vocab_size(recipe.get("data", {}), name)
     return from_dict(ModelConfig, {**section, **sets}, "model")
+
+
+def _dataset_vocab_size(data: dict[str, Any], recipe: str) -> int:
+    from gptlab.data.shards import read_manifest
+    from gptlab.data.sources import DATASETS, default_data_dir
+    from gptlab.tokenizer import GPT2_VOCAB_SIZE
+
+    dataset = str(data.get("dataset", "fineweb_edu_10b"))
+    where = Path(data["dir"]).expanduser() if data.get("dir") else (
+        default_data_dir(dataset) if dataset in DATASETS else None)
+    if where is not None and (where / "manifest.json").is_file():
+        return int(read_manifest(where)["vocab_size"])
+    info = DATASETS.get(dataset)
+    tokenizer = data.get("tokenizer") or (info.tokenizer if info else "")
+    if tokenizer == "gpt2":
+        return GPT2_VOCAB_SIZE
+    if info is not None and info.vocab_size and not data.get("tokenizer"):
+        return info.vocab_size
+    raise GptlabError(f"--model {recipe}: the recipe takes its vocabulary from dataset {dataset!r}, which is not "
+                      f"prepared yet; run `gptlab prepare {dataset}` or pass --set vocab_size=N")
 
 
 def _parse_sets(items: list[str]) -> dict[str, Any]:
@@ -205,11 +187,6 @@ def _make_optimizer(model: torch.nn.Module, device: torch.device) -> torch.optim
     return torch.optim.AdamW(groups, lr=6e-4, betas=(0.9, 0.95), eps=1e-8, fused=True)
 
 
-def flops_per_token(cfg: ModelConfig, n_params: int, seq_len: int) -> int:
-    """Training FLOPs per token: 6N + 12 * L * H * Q * T (N without position embeddings)."""
-    return 6 * n_params + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * seq_len
-
-
 # --------------------------------------------------------------------------- bench train
 
 
@@ -242,12 +219,14 @@ def bench_train(model: str = "gpt2", *, batch: int = 8, seq: int | None = None, 
     x = torch.randint(0, cfg.vocab_size, (batch, T + 1), generator=gen).to(dev)
     x, y = x[:, :-1].contiguous(), x[:, 1:].contiguous()
 
-    contenders: dict[str, dict[str, Any]] = {}
+    steps_of: dict[str, Callable[[], torch.Tensor]] = {}
+    losses: dict[str, list[torch.Tensor]] = {}
 
     def add(name: str, module: torch.nn.Module, step_loss: Callable[[torch.nn.Module], torch.Tensor],
             compiled: bool) -> None:
         opt = _make_optimizer(module, dev)
         fn = torch.compile(module) if compiled else module
+        losses[name] = []
 
         def step() -> torch.Tensor:
             opt.zero_grad(set_to_none=True)
@@ -255,9 +234,10 @@ def bench_train(model: str = "gpt2", *, batch: int = 8, seq: int | None = None, 
                 loss = step_loss(fn)
             loss.backward()
             opt.step()
-            return loss.detach()
+            losses[name].append(loss.detach())
+            return loss
 
-        contenders[name] = {"step": step, "times": [], "losses": [], "module": module}
+        steps_of[name] = step
 
     if vs_hf:
         hf, hf_arch = hf_twin(net)  # copied before any step: both start from the same weights
@@ -269,71 +249,42 @@ def bench_train(model: str = "gpt2", *, batch: int = 8, seq: int | None = None, 
     else:
         add("gptlab", net.train(), lambda m: m(x, y)[1], compile)
 
-    peak: dict[str, float] = {}
-    for name, c in contenders.items():  # warm-up: allocator, compile, optimizer state
-        if dev.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(dev)
-        t0 = time.perf_counter()
-        for _ in range(warmup):
-            c["losses"].append(c["step"]())
-        _sync(dev)
-        c["warmup_s"] = time.perf_counter() - t0
-        peak[name] = (torch.cuda.max_memory_allocated(dev) / 2**20) if dev.type == "cuda" else _max_rss_mb()
-        _say(f"bench train: {name} warm-up {warmup} steps in {c['warmup_s']:.1f}s", quiet)
-
-    per_round = [steps // rounds + (1 if r < steps % rounds else 0) for r in range(rounds)]
-    for r, n in enumerate(per_round):
-        for name, c in contenders.items():
-            if dev.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(dev)
-            for _ in range(n):
-                _sync(dev)
-                t0 = time.perf_counter()
-                loss = c["step"]()
-                _sync(dev)
-                c["times"].append(time.perf_counter() - t0)
-                c["losses"].append(loss)
-            if dev.type == "cuda":
-                peak[name] = max(peak[name], torch.cuda.max_memory_allocated(dev) / 2**20)
-        if n:
-            _say(f"bench train: round {r + 1}/{rounds}: " + ", ".join(
-                f"{k} {1e3 * statistics.median(c['times']):.1f} ms/step" for k, c in contenders.items()), quiet)
+    peak = PeakMemory(dev)
+    # Warm-up (allocator, compile, optimizer state), then the timed steps split over alternating rounds.
+    t = alternate(steps_of, warmup=warmup, calls=split_calls(steps, rounds), sync=lambda: _sync(dev),
+                  around=peak, on_round=lambda r, t: _say(f"bench train: round {r + 1}/{rounds}: " + ", ".join(
+                      f"{k} {1e3 * t.median(k):.1f} ms/step" for k in steps_of), quiet))
 
     tokens_per_step = batch * T
-    fpt = flops_per_token(cfg, n_params, T)
-    peak_flops = _lookup(PEAK_BF16_TFLOPS, dev)
+    fpt = flops_per_token(cfg, T, net.num_params())
+    peak_tf = gpu_peak_flops(dev)
     out: dict[str, Any] = {
         "bench": "train", "model": model, "overrides": _parse_sets(overrides) if isinstance(overrides, list)
         else (overrides or {}), "config": json.loads(cfg.to_json()), "batch": batch, "seq": T, "steps": steps,
         "warmup": warmup, "rounds": rounds, "dtype": str(dt).replace("torch.", ""), "compile": compile,
-        "n_params": net.num_params(), "n_params_non_embedding": n_params,
-        "flops_per_token": fpt, "flops_formula": "6*N + 12*L*H*Q*T", "tokens_per_step": tokens_per_step,
-        "optimizer": "AdamW(fused)",
-        **environment(dev),
+        "n_params": net.num_params(), "n_params_non_embedding": net.num_params(non_embedding=True),
+        "flops_per_token": fpt, "flops_formula": FLOPS_FORMULA, "tokens_per_step": tokens_per_step,
+        "optimizer": "AdamW(fused)", **environment(dev),
     }
-    g = contenders["gptlab"]
-    s = _summary(g["times"])
+    s = t.summary("gptlab")
     out.update(ms_per_step=s["median_ms"], ms_per_step_mean=s["mean_ms"], ms_per_step_min=s["min_ms"],
-               tokens_per_s=tokens_per_step / (s["median_ms"] / 1e3), warmup_s=g["warmup_s"])
-    out["mfu"] = (fpt * out["tokens_per_s"] / (peak_flops * 1e12)) if peak_flops else None
-    out["peak_tflops"] = peak_flops
-    out["peak_memory_mb"] = peak["gptlab"]
-    out["peak_memory_kind"] = "cuda_max_memory_allocated" if dev.type == "cuda" else "cpu_max_rss"
-    out["loss_first"] = g["losses"][0].item() if g["losses"] else None
-    out["loss_last"] = g["losses"][-1].item()
+               tokens_per_s=tokens_per_step / (s["median_ms"] / 1e3), warmup_s=t.warmup_s["gptlab"])
+    out["mfu"] = mfu(out["tokens_per_s"], fpt, peak_tf)
+    out["peak_tflops"] = peak_tf / 1e12 if peak_tf else None
+    out["peak_memory_mb"] = peak.mb["gptlab"]
+    out["peak_memory_kind"] = peak.kind
+    out["loss_first"] = losses["gptlab"][0].item()
+    out["loss_last"] = losses["gptlab"][-1].item()
     if vs_hf:
-        h = contenders["hf"]
-        hs = _summary(h["times"])
+        hs = t.summary("hf")
         out.update(hf_ms_per_step=hs["median_ms"], hf_ms_per_step_mean=hs["mean_ms"],
-                   hf_tokens_per_s=tokens_per_step / (hs["median_ms"] / 1e3), hf_warmup_s=h["warmup_s"],
-                   hf_peak_memory_mb=peak["hf"], hf_loss_first=h["losses"][0].item() if h["losses"] else None,
-                   hf_loss_last=h["losses"][-1].item(), hf_architecture=hf_arch,
+                   hf_tokens_per_s=tokens_per_step / (hs["median_ms"] / 1e3), hf_warmup_s=t.warmup_s["hf"],
+                   hf_peak_memory_mb=peak.mb["hf"], hf_loss_first=losses["hf"][0].item(),
+                   hf_loss_last=losses["hf"][-1].item(), hf_architecture=hf_arch,
                    hf_attn_implementation=getattr(hf.config, "_attn_implementation", None),
                    hf_compile=compile_hf)
-        out["hf_mfu"] = (fpt * out["hf_tokens_per_s"] / (peak_flops * 1e12)) if peak_flops else None
+        out["hf_mfu"] = mfu(out["hf_tokens_per_s"], fpt, peak_tf)
         out["speedup_vs_hf"] = out["tokens_per_s"] / out["hf_tokens_per_s"]
-        if dev.type != "cuda":
-            out["hf_peak_memory_mb"] = peak["hf"]  # process high-water mark: includes the gptlab model
     return out
 
 
@@ -444,31 +395,14 @@ def bench_generate(model: str = "gpt2", *, batch: int = 1, prompt_tokens: int = 
     if compile:
         warmups["gptlab"] = runners["gptlab"]
 
-    times: dict[str, list[float]] = {k: [] for k in runners}
-    outputs: dict[str, torch.Tensor] = {}
-    peak: dict[str, float] = {}
+    peak = PeakMemory(dev)
+    _say(f"bench generate: warm-up (prefill + {min(N, 8) if not compile else N} tokens"
+         f"{', compile' if compile else ''}) of {', '.join(runners)}", quiet)
     with torch.inference_mode():
-        for name, run in warmups.items():  # a short warm-up (and compile) outside the timed rounds
-            if dev.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(dev)
-            t0 = time.perf_counter()
-            run()
-            _sync(dev)
-            _say(f"bench generate: {name} warm-up {time.perf_counter() - t0:.1f}s", quiet)
-        for r in range(rounds):
-            for name, run in runners.items():
-                if dev.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats(dev)
-                _sync(dev)
-                t0 = time.perf_counter()
-                outputs[name] = run()
-                _sync(dev)
-                times[name].append(time.perf_counter() - t0)
-                # CUDA: this contender's own peak; CPU: the process high-water mark when it first ran.
-                used = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else _max_rss_mb()
-                peak[name] = max(peak.get(name, 0.0), used) if dev.type == "cuda" else peak.get(name, used)
-            _say(f"bench generate: round {r + 1}/{rounds}: " + ", ".join(
-                f"{k} {batch * N / statistics.median(v):,.1f} tokens/s" for k, v in times.items()), quiet)
+        t = alternate(runners, warmup=1, warmup_fns=warmups, rounds=rounds, sync=lambda: _sync(dev), around=peak,
+                      on_round=lambda r, t: _say(f"bench generate: round {r + 1}/{rounds}: " + ", ".join(
+                          f"{k} {batch * N / t.median(k):,.1f} tokens/s" for k in runners), quiet))
+    outputs = t.last
 
     out: dict[str, Any] = {
         "bench": "generate", "model": model, "weights": weights, "config": json.loads(cfg.to_json()),
@@ -478,13 +412,13 @@ def bench_generate(model: str = "gpt2", *, batch: int = 1, prompt_tokens: int = 
         "timing": "one Engine.generate() call: prefill of the prompts plus new_tokens decode steps, median over rounds",
         **out_extra, **environment(dev),
     }
-    med = {k: statistics.median(v) for k, v in times.items()}
+    med = {k: t.median(k) for k in runners}
     out["seconds"] = med["gptlab"]
     out["tokens_per_s"] = batch * N / med["gptlab"]
     out["ms_per_token"] = 1e3 * med["gptlab"] / N
-    out["peak_memory_mb"] = peak["gptlab"]
-    out["peak_memory_kind"] = "cuda_max_memory_allocated" if dev.type == "cuda" else "cpu_max_rss"
-    peak_bw = _lookup(PEAK_HBM_GBPS, dev)
+    out["peak_memory_mb"] = peak.mb["gptlab"]
+    out["peak_memory_kind"] = peak.kind
+    peak_bw = peak_bandwidth(torch.cuda.get_device_name(dev)) / 1e9 if dev.type == "cuda" else None
     bytes_step = decode_bytes_per_step(gnet, batch, prompt_tokens + N / 2)
     out["bytes_per_decode_step"] = bytes_step
     out["memory_bandwidth_gbps"] = bytes_step * (N / med["gptlab"]) / 1e9
@@ -501,7 +435,7 @@ def bench_generate(model: str = "gpt2", *, batch: int = 1, prompt_tokens: int = 
         out["hf_seconds"] = med["hf"]
         out["hf_tokens_per_s"] = batch * N / med["hf"]
         out["speedup_vs_hf"] = out["tokens_per_s"] / out["hf_tokens_per_s"]
-        out["hf_peak_memory_mb"] = peak["hf"]
+        out["hf_peak_memory_mb"] = peak.mb["hf"]
         out["greedy_agreement_vs_hf"] = agreement("hf")
     if no_cache_baseline:
         out["no_cache_seconds"] = med["no_cache"]
@@ -587,20 +521,16 @@ def bench_prepare(*, input: str | None = None, mb: float = 20.0, max_workers: in
     n_max = max_workers or default_workers()
     tok = GPT2Tokenizer()
     list(tokenize_documents(docs[:50], tok, workers=1))  # load the BPE ranks outside the timers
-    times: dict[int, list[float]] = {w: [] for w in range(1, n_max + 1)}
-    counts: dict[int, int] = {}
-    for r in range(rounds):
-        for w in times:
-            t0 = time.perf_counter()
-            counts[w] = sum(len(t) for t in tokenize_documents(docs, tok, workers=w))
-            times[w].append(time.perf_counter() - t0)
-        _say(f"bench prepare: round {r + 1}/{rounds}: " + ", ".join(
-            f"{w} workers {counts[w] / statistics.median(v) / 1e6:.2f}M tokens/s" for w, v in times.items()), quiet)
+    runs = {w: (lambda w=w: sum(len(t) for t in tokenize_documents(docs, tok, workers=w)))
+            for w in range(1, n_max + 1)}
+    t = alternate(runs, warmup=0, rounds=rounds, on_round=lambda r, t: _say(
+        f"bench prepare: round {r + 1}/{rounds}: " + ", ".join(
+            f"{w} workers {t.last[w] / t.median(w) / 1e6:.2f}M tokens/s" for w in runs), quiet))
+    counts = t.last
     if len(set(counts.values())) != 1:  # pragma: no cover - a bug in prepare's parallel path
         raise GptlabError(f"bench prepare: token counts differ between worker counts: {counts}")
     tokens = counts[1]
-    per = [{"workers": w, "seconds": statistics.median(v), "tokens_per_s": tokens / statistics.median(v)}
-           for w, v in times.items()]
+    per = [{"workers": w, "seconds": t.median(w), "tokens_per_s": tokens / t.median(w)} for w in runs]
     base = per[0]["tokens_per_s"]
     for row in per:
         row["speedup"] = row["tokens_per_s"] / base
@@ -631,19 +561,11 @@ def bench_loader(*, data: str | None = None, batch: int = 64, seq: int = 1024, b
             write_synthetic_dataset(data_dir, train_tokens=tokens, shard_tokens=max(tokens // 4, seq + 1), seed=seed)
             source = f"synthetic ({tokens:,} random GPT-2 tokens in 4 shards)"
         loader = TokenLoader(data_dir, "train", batch, seq, shuffle=shuffle, seed=seed, device=dev)
-        for _ in range(min(5, batches)):  # page in the first shard, pin-memory pools
-            loader.next_batch()
-        _sync(dev)
-        times = []
-        t_all = time.perf_counter()
-        for _ in range(batches):
-            t0 = time.perf_counter()
-            x, y = loader.next_batch()
-            _sync(dev)
-            times.append(time.perf_counter() - t0)
-        total = time.perf_counter() - t_all
+        # Warm-up pages in the first shard and the pin-memory pools.
+        t = alternate({"loader": loader.next_batch}, warmup=min(5, batches), calls=batches, sync=lambda: _sync(dev))
+    total = sum(t.seconds["loader"])
     tokens_per_batch = batch * seq
-    s = _summary(times)
+    s = t.summary("loader")
     tps = tokens_per_batch * batches / total
     out = {"bench": "loader", "source": source, "batch": batch, "seq": seq, "batches": batches, "shuffle": shuffle,
            "seconds": total, "batches_per_s": batches / total, "tokens_per_s": tps,

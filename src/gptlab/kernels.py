@@ -23,15 +23,15 @@ from __future__ import annotations
 import functools
 import json
 import os
-import platform
-import statistics
-import time
 from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from gptlab.runtime import cpu_model
+from gptlab.timing import alternate
 
 # Products with more rows are timed on their first MEASURE_ROWS rows: speed per row is flat by then,
 # and timing the full 8192-row GPT-2 head twice would take seconds.
@@ -84,15 +84,7 @@ def cache_path() -> Path:
 @functools.cache
 def machine_key() -> str:
     """What a measured choice depends on besides the shape: the CPU model and the torch version."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu} | torch {torch.__version__}"
+    return f"{cpu_model()} | torch {torch.__version__}"
 
 
 def _shape_str(key: tuple) -> str:
@@ -128,25 +120,14 @@ def _save(key: tuple, record: dict) -> None:
 
 
 def _time_candidates(run: dict[str, Callable[[], object]]) -> dict[str, float]:
-    """Median seconds per call of each candidate, timed in alternating rounds (a busy machine slows
-    them alike) after two warm-up calls (the first builds oneDNN's primitive)."""
-    per_call: dict[str, float] = {}
-    for name, fn in run.items():
-        fn()
-        t0 = time.perf_counter()
-        fn()
-        per_call[name] = max(time.perf_counter() - t0, 1e-7)
-    slowest = max(per_call.values())
-    reps = {name: max(1, min(100, int(ROUND_S / t))) for name, t in per_call.items()}
-    rounds = max(1, min(MAX_ROUNDS, int(10 * ROUND_S / slowest)))
-    times: dict[str, list[float]] = {name: [] for name in run}
-    for _ in range(rounds):
-        for name, fn in run.items():
-            t0 = time.perf_counter()
-            for _ in range(reps[name]):
-                fn()
-            times[name].append((time.perf_counter() - t0) / reps[name])
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    """Median seconds per call of each candidate, in alternating rounds after two warm-up calls (the
+    first builds oneDNN's primitive); about ROUND_S per round, fewer rounds for slow products."""
+    first = alternate(run, warmup=1, rounds=1)  # one timed call each: the size of the product
+    slowest = max(first.seconds[n][0] for n in run)
+    rounds = max(1, min(MAX_ROUNDS, int(10 * ROUND_S / max(slowest, 1e-7))))
+    calls = max(1, min(100, int(ROUND_S / max(slowest, 1e-7))))
+    timed = alternate(run, warmup=0, rounds=rounds, calls=calls)
+    return {name: timed.median(name) for name in run}
 
 
 def choose(kind: str, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> str:

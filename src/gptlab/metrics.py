@@ -15,33 +15,54 @@ from typing import Any
 from gptlab.config import ModelConfig
 from gptlab.errors import GptlabError
 
-# Dense bf16 tensor-core peak, FLOP/s, from the vendors' datasheets (no sparsity). First match wins,
-# so the more specific names come first. GPUs without bf16 list their fp16 peak.
-GPU_PEAK_BF16_FLOPS: list[tuple[str, float]] = [
-    ("GB200", 2450e12), ("B200", 2250e12), ("B100", 1750e12),
-    ("GH200", 989e12), ("H200", 989e12), ("H100 NVL", 835e12), ("H100 PCIe", 756e12), ("H100", 989e12),
-    ("H800", 989e12), ("H20", 148e12),
-    ("A100", 312e12), ("A800", 312e12), ("A40", 150e12), ("A30", 165e12), ("A10G", 70e12), ("A10", 125e12),
-    ("L40S", 362e12), ("L40", 181e12), ("L4", 121e12),
-    ("RTX 6000 Ada", 364e12), ("RTX A6000", 155e12),
-    ("RTX 5090", 210e12), ("RTX 4090", 165e12), ("RTX 4080", 97e12), ("RTX 3090", 71e12),
-    ("V100", 125e12), ("T4", 65e12),
+# Per-GPU peaks from the vendors' datasheets: dense bf16 tensor-core FLOP/s (no sparsity; fp16 for GPUs
+# without bf16) and memory bandwidth in bytes/s. The first name contained in the device name wins, so
+# the more specific names come first.
+GPU_PEAKS: list[tuple[str, float, float]] = [
+    ("GB200", 2450e12, 8.0e12), ("B200", 2250e12, 8.0e12), ("B100", 1750e12, 8.0e12),
+    ("GH200", 989e12, 4.0e12), ("H200", 989e12, 4.8e12), ("H100 NVL", 835e12, 3.9e12),
+    ("H100 PCIe", 756e12, 2.0e12), ("H100", 989e12, 3.35e12), ("H800", 989e12, 3.35e12), ("H20", 148e12, 4.0e12),
+    ("A100-SXM4-80GB", 312e12, 2.039e12), ("A100 80GB PCIe", 312e12, 1.935e12), ("A100", 312e12, 1.555e12),
+    ("A800", 312e12, 2.039e12), ("A40", 150e12, 0.696e12), ("A30", 165e12, 0.933e12),
+    ("A10G", 70e12, 0.6e12), ("A10", 125e12, 0.6e12),
+    ("L40S", 362e12, 0.864e12), ("L40", 181e12, 0.864e12), ("L4", 121e12, 0.3e12),
+    ("RTX 6000 Ada", 364e12, 0.96e12), ("RTX A6000", 155e12, 0.768e12),
+    ("RTX 5090", 210e12, 1.792e12), ("RTX 4090", 165e12, 1.008e12), ("RTX 4080", 97e12, 0.717e12),
+    ("RTX 3090", 71e12, 0.936e12), ("V100", 125e12, 0.9e12), ("T4", 65e12, 0.32e12),
 ]
 
 
-def peak_flops(device_name: str) -> float | None:
-    """The per-GPU bf16 peak for a CUDA device name (``torch.cuda.get_device_name()``), or None."""
-    for key, flops in GPU_PEAK_BF16_FLOPS:
+def _gpu_peaks(device_name: str) -> tuple[float, float] | None:
+    for key, flops, bandwidth in GPU_PEAKS:
         if key.lower() in device_name.lower():
-            return flops
+            return flops, bandwidth
     return None
 
 
+def peak_flops(device_name: str) -> float | None:
+    """The per-GPU bf16 peak FLOP/s for a CUDA device name (``torch.cuda.get_device_name()``), or None."""
+    peaks = _gpu_peaks(device_name)
+    return peaks[0] if peaks else None
+
+
+def peak_bandwidth(device_name: str) -> float | None:
+    """The per-GPU memory bandwidth in bytes/s for a CUDA device name, or None."""
+    peaks = _gpu_peaks(device_name)
+    return peaks[1] if peaks else None
+
+
+FLOPS_FORMULA = "6*N + 12*L*H*Q*T"
+
+
 def flops_per_token(cfg: ModelConfig, seq_len: int, num_params: int) -> float:
-    """Training FLOPs per token: 6N for the matmuls plus 12 * L * C * T for attention scores
-    (PaLM appendix B, as nanoGPT's estimate_mfu). N excludes position embeddings (no matmul)."""
+    """Training FLOPs per token (forward + backward), PaLM appendix B as nanoGPT's estimate_mfu:
+    ``6 * N`` for the matmuls, plus ``12 * L * H * Q * T`` for attention's QK^T and AV over T positions
+    (H heads of size Q). N is ``num_params`` less the tables that are looked up, not multiplied: the
+    position embeddings, and the token embeddings when the head does not share them."""
     n = num_params - (cfg.block_size * cfg.n_embd if cfg.pos_emb == "learned" else 0)
-    return 6.0 * n + 12.0 * cfg.n_layer * cfg.n_embd * seq_len
+    if not cfg.tie_embeddings:
+        n -= cfg.padded_vocab_size * cfg.n_embd
+    return 6.0 * n + 12.0 * cfg.n_layer * cfg.n_head * cfg.head_dim * seq_len
 
 
 def mfu(tokens_per_s: float, flops_per_tok: float, peak: float | None, world_size: int = 1) -> float | None:

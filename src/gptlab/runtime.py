@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
-import os
+import platform
 import random
+import subprocess
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -72,5 +74,22 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def num_workers_default() -> int:
-    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux), what CPU benchmark figures and kernel choices depend on."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def git_sha(short: bool = False) -> str | None:
+    """The commit of the gptlab source tree when it is a git checkout, else None."""
+    try:
+        out = subprocess.run(["git", "rev-parse", *(["--short"] if short else []), "HEAD"], capture_output=True,
+                             text=True, timeout=5, cwd=Path(__file__).resolve().parent)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None

@@ -66,6 +66,7 @@ class DatasetInfo:
     hf_val_split: str | None = None
     download: str = ""
     local_only: bool = False
+    vocab_size: int | None = None  # when the tokenizer's vocabulary is fixed before preparing (char on a pinned corpus)
 
 
 TINY_SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -78,7 +79,7 @@ _SHAKESPEARE = dict(url=TINY_SHAKESPEARE_URL, sha256=TINY_SHAKESPEARE_SHA256, si
 
 DATASETS: dict[str, DatasetInfo] = {d.name: d for d in [
     DatasetInfo("shakespeare_char", "Tiny Shakespeare, character-level (vocabulary = its 65 characters)",
-                tokenizer="char", **_SHAKESPEARE),
+                tokenizer="char", vocab_size=65, **_SHAKESPEARE),
     DatasetInfo("shakespeare", "Tiny Shakespeare, GPT-2 BPE", tokenizer="gpt2", **_SHAKESPEARE),
     DatasetInfo("tinystories", "TinyStories (roneneldan/TinyStories), ~2.1M short stories, ~470M GPT-2 tokens",
                 hf_path="roneneldan/TinyStories", hf_val_split="validation", val_rule="hf_split", val_fraction=None,
