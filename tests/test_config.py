@@ -8,7 +8,6 @@ def test_presets_shapes():
                             "gpt2-large": (36, 20, 1280), "gpt2-xl": (48, 25, 1600)}.items():
         c = ModelConfig.from_preset(name)
         assert (c.n_layer, c.n_head, c.n_embd, c.block_size, c.vocab_size) == (L, H, C, 1024, 50257)
-        assert c.is_gpt2
 
 
 def test_vocab_padding():

@@ -44,8 +44,12 @@ def data_dir(tmp_path_factory) -> Path:
 
 
 def cfg_for(data_dir: Path, out: Path, *extra: str, **flags):
-    flags = {"data": str(data_dir), "out": str(out), **flags}
-    return resolve_train_config(None, flags, [*TINY, *extra])
+    """``flags``: ``gptlab train`` flags by name (max_steps=3 is --max-steps 3)."""
+    from gptlab.commands.train import FLAGS
+
+    key = {name[2:].replace("-", "_"): k for name, k, _ in FLAGS}
+    settings = {key[k]: v for k, v in {"data": str(data_dir), "out": str(out), **flags}.items()}
+    return resolve_train_config(None, settings, [*TINY, *extra])
 
 
 FAULT_CLI = str(Path(__file__).with_name("fault_cli.py"))

@@ -11,6 +11,7 @@ import difflib
 import json
 import os
 import sys
+import types
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -38,77 +39,70 @@ def closest(name: str, options: typing.Iterable[str]) -> str:
     return f" (did you mean {match[0]!r}?)" if match else ""
 
 
-def _is_dataclass_type(tp: Any) -> bool:
-    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+def _to_bool(v: Any) -> bool:
+    if isinstance(v, bool) or (isinstance(v, int) and v in (0, 1)):
+        return bool(v)
+    word = v.lower() if isinstance(v, str) else None
+    if word in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+        return word in ("1", "true", "yes", "on")
+    raise ValueError(v)
+
+
+def _to_int(v: Any) -> int:
+    if isinstance(v, bool):
+        raise ValueError(v)
+    if isinstance(v, int):
+        return v
+    f = float(v.replace("_", "")) if isinstance(v, str) else v  # "1e6", "524_288"
+    if isinstance(f, float) and f.is_integer():
+        return int(f)
+    raise ValueError(v)
+
+
+def _to_float(v: Any) -> float:
+    if isinstance(v, bool):
+        raise ValueError(v)
+    return float(v)
+
+
+def _to_str(v: Any) -> str:
+    if isinstance(v, (dict, list)):
+        raise ValueError(v)
+    return str(v)
+
+
+# Scalar type -> (converter from TOML / JSON / command-line values, what the error says was expected).
+_SCALARS: dict[Any, tuple[typing.Callable[[Any], Any], str]] = {
+    bool: (_to_bool, "true/false"), int: (_to_int, "an integer"), float: (_to_float, "a number"),
+    str: (_to_str, "a string"),
+}
 
 
 def coerce(value: Any, tp: Any, where: str) -> Any:
     """Convert ``value`` (from TOML, JSON or a command-line string) to the annotated type ``tp``."""
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
-            if type(None) in args:
-                return None
-        errors = []
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return coerce(value, a, where)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0] if errors else f"{where}: cannot be {value!r}")
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):  # the configs use X | None only
+        if type(None) in args and (value is None or (isinstance(value, str) and value.lower() in ("none", "null"))):
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return coerce(value, inner, where)
     if origin in (list, tuple):
-        if isinstance(value, str):
-            value = [v for v in value.split(",") if v.strip()] if value.strip() else []
+        if isinstance(value, str):  # "0.9,0.95"
+            value = [v for v in value.split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
-        inner = args[0] if args else Any
-        out = [coerce(v, inner, where) for v in value]
+        out = [coerce(v, args[0] if args else Any, where) for v in value]
         return tuple(out) if origin is tuple else out
-    if tp is Any:
-        return value
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on"):
-            return True
-        if isinstance(value, str) and value.lower() in ("0", "false", "no", "off"):
-            return False
-        if isinstance(value, int) and value in (0, 1):
-            return bool(value)
-        raise ConfigError(f"{where}: expected true/false, got {value!r}")
-    if tp is int:
-        if isinstance(value, bool):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                f = float(value.replace("_", ""))
-            except ValueError:
-                raise ConfigError(f"{where}: expected an integer, got {value!r}") from None
-            if f.is_integer():
-                return int(f)
-        raise ConfigError(f"{where}: expected an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
-    if tp is str:
-        if isinstance(value, (dict, list)):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
-        return str(value)
-    if _is_dataclass_type(tp):
+    if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a table of keys, got {value!r}")
         return from_dict(tp, value, where)
+    if tp in _SCALARS:
+        convert, expected = _SCALARS[tp]
+        try:
+            return convert(value)
+        except (TypeError, ValueError, AttributeError):
+            raise ConfigError(f"{where}: expected {expected}, got {value!r}") from None
     return value
 
 
@@ -252,15 +246,6 @@ class ModelConfig:
         if self.mlp == "swiglu":
             return round_up(int(8 * self.n_embd / 3), 64)
         return 4 * self.n_embd
-
-    @property
-    def is_gpt2(self) -> bool:
-        """True when the architecture is plain GPT-2 (Hugging Face GPT2LMHeadModel can hold it)."""
-        return (
-            self.pos_emb == "learned" and self.norm == "layernorm" and self.mlp == "gelu" and self.bias
-            and not self.qk_norm and self.kv_heads == self.n_head and self.tie_embeddings
-            and self.hidden_dim == 4 * self.n_embd
-        )
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> "ModelConfig":
@@ -535,15 +520,6 @@ class TrainConfig:
         return self.batch.batch_tokens // per_micro
 
 
-# CLI flag -> config key (flags win over the TOML file; --section.key=value overrides win over flags).
-TRAIN_FLAGS: dict[str, str] = {
-    "data": "data.dir", "out": "out_dir", "max_steps": "schedule.max_steps", "resume": "resume",
-    "init": "model.init", "micro_batch": "batch.micro_batch", "batch_tokens": "batch.batch_tokens",
-    "eval_every": "eval.eval_every", "checkpoint_every": "checkpoint.every", "time_limit": "system.time_limit",
-    "device": "system.device", "seed": "system.seed",
-}
-
-
 def _recipe_path(name: str) -> Path:
     """A recipe name (gptlab/configs/NAME.toml) or a path to a TOML file."""
     p = Path(name)
@@ -583,16 +559,14 @@ def set_dotted(d: dict[str, Any], key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def resolve_train_config(config: str | None = None, flags: dict[str, Any] | None = None,
+def resolve_train_config(config: str | None = None, settings: dict[str, Any] | None = None,
                          overrides: typing.Iterable[str] = ()) -> TrainConfig:
-    """Build a :class:`TrainConfig`: defaults < recipe/TOML < ``flags`` (TRAIN_FLAGS names) < overrides."""
+    """Build a :class:`TrainConfig`: defaults < recipe/TOML < ``settings`` ({dotted key: value}, None
+    skipped: what ``gptlab train``'s flags set) < ``--section.key=value`` overrides."""
     data: dict[str, Any] = load_recipe(config) if config else {}
-    for flag, value in (flags or {}).items():
-        if value is None:
-            continue
-        if flag not in TRAIN_FLAGS:
-            raise ConfigError(f"unknown train flag {flag!r}{closest(flag, TRAIN_FLAGS)}")
-        set_dotted(data, TRAIN_FLAGS[flag], value)
+    for key, value in (settings or {}).items():
+        if value is not None:
+            set_dotted(data, key, value)
     data = merge(data, parse_overrides(overrides))
     model = data.get("model")
     if isinstance(model, dict) and "arch" in model:
