@@ -222,12 +222,12 @@ def read_meta(ckpt_dir: str | os.PathLike) -> dict[str, Any]:
 
 
 def load_model_state(ckpt_dir: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
+    from gptlab.fsio import read_safetensors
 
     p = Path(ckpt_dir) / "model.safetensors"
     if not p.is_file():
         raise CheckpointError(f"{p}: missing; not a gptlab checkpoint")
-    return load_file(str(p), device=str(device))
+    return read_safetensors(p, device=str(device))
 
 
 def load_training_state(ckpt_dir: str | os.PathLike) -> dict[str, Any]:

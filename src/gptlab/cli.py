@@ -11,6 +11,7 @@ import argparse
 import importlib
 import os
 import sys
+import warnings
 from typing import Sequence
 
 from gptlab import __version__
@@ -50,7 +51,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from gptlab.errors import GptlabError
 
     try:
-        return int(args._run(args) or 0)
+        with warnings.catch_warnings():
+            if not os.environ.get("GPTLAB_DEBUG"):  # one clean line, not the warning's source location
+                warnings.showwarning = lambda message, *a, **k: print(
+                    f"gptlab {args.command}: warning: {message}", file=sys.stderr)
+            return int(args._run(args) or 0)
     except GptlabError as e:
         print(f"gptlab {args.command}: error: {e}", file=sys.stderr)
         return 1

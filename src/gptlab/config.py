@@ -147,6 +147,11 @@ def load_toml(path: str | os.PathLike) -> dict[str, Any]:
         raise ConfigError(f"{p}: config file not found") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{p}: invalid TOML: {e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p}: not a TOML text file (byte {e.object[e.start]:#04x} at offset {e.start} is not "
+                          "UTF-8); give a recipe name or a .toml text file") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{p}: is a directory; give a recipe name or a .toml file") from None
 
 
 def parse_overrides(items: typing.Iterable[str]) -> dict[str, Any]:

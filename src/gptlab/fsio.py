@@ -1,9 +1,12 @@
-"""Durable-write helpers shared by shard, manifest and checkpoint writers (no torch import)."""
+"""File helpers shared by shard, manifest, checkpoint and weight readers/writers (no torch import at module level)."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
+
+from gptlab.errors import GptlabError
 
 
 def fsync_file(path: str | os.PathLike) -> None:
@@ -24,3 +27,16 @@ def fsync_dir(path: str | os.PathLike) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def read_safetensors(path: str | os.PathLike, device: str = "cpu") -> dict[str, Any]:
+    """All tensors of a ``.safetensors`` file; a damaged or truncated file is one error naming it."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device=device)
+    except (SafetensorError, OSError, ValueError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise GptlabError(f"{path}: cannot read the weights ({reason}); the file is damaged or incomplete: "
+                          "restore it from another checkpoint or export it again") from None

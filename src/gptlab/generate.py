@@ -6,6 +6,8 @@ job; :func:`generate` here is a thin tensor-in, tensor-out caller of it for scri
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from gptlab.errors import GptlabError
@@ -78,6 +80,8 @@ class CompiledDecoder:
         self.device = next(model.parameters()).device
         self.mode = mode or ("reduce-overhead" if self.device.type == "cuda" else "default")
         self.fwd = torch.compile(model, mode=self.mode, fullgraph=True, dynamic=False)
+        self.compile_seconds = 0.0  # wall time of each shape's first call: compiling, mostly
+        self._seen: set[tuple[int, ...]] = set()
 
     def prepare_cache(self, cache) -> None:
         if self.device.type == "cuda":
@@ -88,7 +92,16 @@ class CompiledDecoder:
 
     def __call__(self, x: torch.Tensor, kv_cache, input_pos: torch.Tensor) -> torch.Tensor:
         # Clone: the next replay of a CUDA graph overwrites its output buffer.
-        return forward_step(self.fwd, x, kv_cache, input_pos, None).clone()
+        shape = (*x.shape, kv_cache.max_seq_len)
+        if shape in self._seen:
+            return forward_step(self.fwd, x, kv_cache, input_pos, None).clone()
+        t0 = time.perf_counter()
+        out = forward_step(self.fwd, x, kv_cache, input_pos, None).clone()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.compile_seconds += time.perf_counter() - t0
+        self._seen.add(shape)
+        return out
 
 
 def generate(model, idx: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,

@@ -186,6 +186,8 @@ def _xs(run: Run, s: Series, x: str) -> list[float]:
 def plot_runs(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike, *, x: str = "step", log: bool = False,
               smooth: float = 0.9, title: str | None = None, dpi: int = 100, metric: str = "loss") -> dict[str, Any]:
     """Draw the two-panel figure for ``run_dirs`` into ``out`` (format from its suffix); return a summary."""
+    if Path(out).is_dir():
+        raise PlotError(f"--out {out}: is a directory; give an image file, e.g. --out {Path(out) / 'loss.png'}")
     if x not in ("step", "tokens"):
         raise PlotError(f"--x {x}: expected step or tokens")
     if metric not in METRICS:

@@ -21,11 +21,22 @@ SRC_HELP = ("model source: a Hub name (gpt2, gpt2-medium, gpt2-large, gpt2-xl), 
 class HelpFormatter(argparse.HelpFormatter):
     """Shows each option's default in ``--help``, except where there is none to show (None/False)."""
 
+    def _format_action(self, action: argparse.Action) -> str:
+        if not action.help and self._default_shown(action):
+            action.help = self._get_help_string(action)  # argparse skips options without help text
+        return super()._format_action(action)
+
+    @staticmethod
+    def _default_shown(action: argparse.Action) -> bool:
+        return (action.default is not None and action.default is not False and action.default != argparse.SUPPRESS
+                and action.default != [] and bool(action.option_strings) and action.nargs != 0)
+
     def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        if ("default" not in text and action.default not in (None, False, argparse.SUPPRESS)
-                and action.option_strings and action.nargs != 0):
-            text = (text + " (default: %(default)s)").strip()
+        text = (action.help or "").strip()
+        if "default" not in text and self._default_shown(action):
+            # Blank or empty strings (a newline prompt) are shown quoted; everything else as is.
+            fmt = "%(default)r" if isinstance(action.default, str) and not action.default.strip() else "%(default)s"
+            text = f"{text} (default: {fmt})".strip()
         return text
 
 

@@ -104,12 +104,16 @@ def run(args: argparse.Namespace) -> int:
                           "finish_reasons": [c.finish_reason for c in completions], "seconds": round(gen_s, 4),
                           "load_seconds": round(load_s, 4), "tokens_per_s": tps, "device": str(engine.device),
                           "dtype": str(engine.dtype).removeprefix("torch."), "quantize": args.quantize,
-                          "kv_cache": not args.no_kv_cache, "seed": args.seed, "init": str(args.init)}))
+                          "kv_cache": not args.no_kv_cache, "compile": engine.compiled is not None,
+                          "compile_seconds": None if engine.compiled is None else round(engine.compiled.compile_seconds, 4),
+                          "seed": args.seed, "init": str(args.init)}))
     elif not args.stream:
         for n, s in enumerate(samples):
             if n:
                 print("---------------")
             print(s)
-    print(f"{new_tokens} tokens in {gen_s:.2f}s ({tps:.1f} tokens/s, {engine.device}, "
-          f"{'kv cache' if not args.no_kv_cache else 'no kv cache'})", file=sys.stderr)
+    how = "kv cache" if not args.no_kv_cache else "no kv cache"
+    if engine.compiled is not None:
+        how += f", compiled step (of which compiling {engine.compiled.compile_seconds:.2f}s)"
+    print(f"{new_tokens} tokens in {gen_s:.2f}s ({tps:.1f} tokens/s, {engine.device}, {how})", file=sys.stderr)
     return 0

@@ -55,16 +55,18 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from gptlab import dist as gdist
     from gptlab.config import resolve_train_config
-    from gptlab.data.sources import SourceError
+    from gptlab.errors import GptlabError
     from gptlab.train import train
 
     flags = {key: getattr(args, key, None) for _, key, _ in FLAGS}
     cfg = resolve_train_config(args.config, flags, getattr(args, "overrides", []))
     try:
         summary = train(cfg)
-    except SourceError as e:
-        # Data errors name prepare's flag; in train the same setting is data.input.
-        raise SourceError(str(e).replace("--input ", "--data.input=")) from None
+    except GptlabError as e:
+        if "--input " not in str(e):
+            raise
+        # The automatic prepare's errors name prepare's flag; in train the same setting is data.input.
+        raise GptlabError(str(e).replace("--input ", "--data.input=")) from None
     if gdist.env_info().is_main:
         print(json.dumps(summary) if args.json else
               f"done: {summary['steps']} steps, final loss {summary['final_loss']}, val loss {summary['val_loss']}"

@@ -220,18 +220,18 @@ def read_hf_config(path: str | os.PathLike) -> dict[str, Any]:
 
 def read_hf_weights(path: str | os.PathLike, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
     """All tensors of an HF model dir: ``model.safetensors``, sharded safetensors, or (safely) ``pytorch_model.bin``."""
-    from safetensors.torch import load_file
+    from gptlab.fsio import read_safetensors
 
     d = Path(path)
     dev = str(device)
     if (d / "model.safetensors").is_file():
-        return load_file(d / "model.safetensors", device=dev)
+        return read_safetensors(d / "model.safetensors", device=dev)
     index = d / "model.safetensors.index.json"
     if index.is_file():
         files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         out: dict[str, torch.Tensor] = {}
         for f in files:
-            out.update(load_file(d / f, device=dev))
+            out.update(read_safetensors(d / f, device=dev))
         return out
     if (d / "pytorch_model.bin").is_file():
         try:

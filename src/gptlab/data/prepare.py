@@ -392,6 +392,10 @@ def prepare_dataset(name: str, *, input: str | os.PathLike | None = None, out: s
                     bar.set_postfix_str(f"{total:,} tokens, {total / max(now - t0, 1e-9) / 1e6:.2f}M tok/s", refresh=False)
         for w in writers.values():
             w.flush()
+        if bar is not None:  # the bar's last line shows the final counts, not the last throttled ones
+            total = writers["train"].tokens + writers["val"].tokens
+            bar.set_postfix_str(f"{total:,} tokens, {total / max(time.perf_counter() - t0, 1e-9) / 1e6:.2f}M tok/s",
+                                refresh=False)
     finally:
         if bar is not None:
             bar.close()
