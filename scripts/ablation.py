@@ -138,37 +138,40 @@ def timing(names: list[str], out: Path, data_dir: Path, steps: int, rounds: int,
     from gptlab.model import GPT
     from gptlab.optim import build_optimizer
 
+    from gptlab.kernels import apply_cpu_kernels
+    from gptlab.timing import alternate
+
     torch.set_num_threads(threads)
     vocab = read_manifest(data_dir)["vocab_size"]
-    setups = {}
+    steps_of = {}
     for n in names:
         recipe, overrides = CONFIGS[n]
-        cfg = resolve_train_config(recipe, {"device": "cpu"}, [*overrides, *extra])
+        cfg = resolve_train_config(recipe, {"system.device": "cpu"}, [*overrides, *extra])
         torch.manual_seed(0)
-        model = GPT(cfg.model.to_model_config(vocab))
+        model = apply_cpu_kernels(GPT(cfg.model.to_model_config(vocab)))  # as `gptlab train` runs it
         opt, _ = build_optimizer(model, cfg.optim, "cpu")
         loader = TokenLoader(data_dir, "train", cfg.batch.micro_batch, cfg.seq_len, shuffle=True, seed=0)
-        setups[n] = (model, opt, loader, cfg.optim.grad_clip)
-    dts: dict[str, list[float]] = {n: [] for n in names}
-    loads = []
-    for r in range(rounds + 1):
+
+        def step(model=model, opt=opt, loader=loader, clip=cfg.optim.grad_clip) -> None:
+            x, y = loader.next_batch()
+            _, loss = model(x, y)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip or float("inf"))
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            loss.item()
+
+        steps_of[n] = step
+    loads = [load_avg()[0]]
+
+    def on_round(r: int, t: Any) -> None:
         loads.append(load_avg()[0])
-        for n in names:
-            model, opt, loader, clip = setups[n]
-            for _ in range(steps):
-                t0 = time.perf_counter()
-                x, y = loader.next_batch()
-                _, loss = model(x, y)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), clip or float("inf"))
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                loss.item()
-                if r > 0:
-                    dts[n].append(1000 * (time.perf_counter() - t0))
-        if r > 0:
-            log(f"timing round {r}/{rounds}: " + ", ".join(f"{n} {statistics.median(dts[n]):.0f}" for n in names)
-                + f" ms/step (load {loads[-1]})")
+        log(f"timing round {r + 1}/{rounds}: " + ", ".join(f"{n} {1000 * t.median(n):.0f}" for n in names)
+            + f" ms/step (load {loads[-1]})")
+
+    # A warm-up round, then `rounds` rounds of `steps` steps of every config in turn.
+    t = alternate(steps_of, warmup=steps, rounds=rounds, calls=steps, on_round=on_round)
+    dts = {n: [1000 * x for x in t.seconds[n]] for n in names}
     res: dict[str, Any] = {n: {"ms_per_step": statistics.median(v), "n": len(v)} for n, v in dts.items()}
     # Also each round's ratio to GPT-2 (same round, so the same load): a drift-free view of the cost.
     for n in names:

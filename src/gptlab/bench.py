@@ -3,8 +3,8 @@
 Every number here is measured in one process. Comparisons against ``transformers`` alternate
 A/B/A/B rounds so that a noisy, shared machine slows both sides alike, and report medians.
 
-Timing is :func:`gptlab.timing.alternate`; FLOPs per token and GPU peaks are :mod:`gptlab.metrics`'
-(the same figures the trainer reports).
+Every timing goes through :func:`gptlab.timing.alternate`; FLOPs per token and GPU peaks come from
+:mod:`gptlab.metrics`, so a benchmark reports the same MFU the trainer does.
 """
 
 from __future__ import annotations
