@@ -227,7 +227,10 @@ def test_cli_sample_json_is_reproducible_and_matches_generate(gpt2_vocab_dir, ca
     assert main(args + ["--no-kv-cache"]) == 0
     assert json.loads(capsys.readouterr().out)["samples"] == first["samples"]
     assert main(args + ["--compile"]) == 0  # the compiled static-cache step samples the same text
-    assert json.loads(capsys.readouterr().out)["samples"] == first["samples"]
+    compiled = json.loads(capsys.readouterr().out)
+    assert compiled["samples"] == first["samples"]
+    assert first["compile"] is False and first["compile_seconds"] is None
+    assert compiled["compile"] is True and 0 < compiled["compile_seconds"] < compiled["seconds"]
 
 
 def test_cli_sample_stream_and_file_prompt(gpt2_vocab_dir, capsys, tmp_path):

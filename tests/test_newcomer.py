@@ -60,7 +60,7 @@ def test_sample_long_prompt_warning_is_one_clean_line(tiny_hf_dir, capsys):
                  "--device", "cpu", "--json"]) == 0
     err = capsys.readouterr().err
     warn = [line for line in err.splitlines() if "warning" in line.lower()]
-    assert len(warn) == 1 and warn[0].startswith("gptlab sample: warning: prompt of "), err
+    assert len(warn) == 1 and warn[0].startswith("gptlab sample: warning: prompt ("), err
     assert "UserWarning" not in err and ".py:" not in err
 
 

@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     max_new = args.max_new_tokens
     if len(prompt_ids) + max_new > W:
         keep = min(len(prompt_ids), max(W - max_new, W // 2))
-        print(f"warning: prompt ({len(prompt_ids)} tokens) + --max-new-tokens {max_new} exceed the context window "
+        print(f"gptlab sample: warning: prompt ({len(prompt_ids)} tokens) + --max-new-tokens {max_new} exceed the context window "
               f"({W}); the model sees the prompt's last {keep} tokens and stops at the window", file=sys.stderr)
         prompt_ids = prompt_ids[-keep:]
         max_new = min(max_new, W - keep)

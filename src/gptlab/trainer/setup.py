@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import platform
 import signal
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from gptlab.config import ConfigError, ModelConfig, TrainConfig, from_dict, to_d
 from gptlab.errors import GptlabError
 from gptlab.metrics import read_metrics
 from gptlab.model import GPT
+from gptlab.runtime import git_sha  # noqa: F401  (re-exported: the run banner and meta use it)
 
 
 class ResumeError(GptlabError):
@@ -69,16 +69,6 @@ class StopFlag:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
-
-def git_sha() -> str | None:
-    """The commit of the gptlab source tree, when it is a git checkout."""
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
-                             capture_output=True, text=True, timeout=5)
-        return out.stdout.strip() or None if out.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
 
 def versions() -> dict[str, str]:
     from gptlab import __version__
