@@ -120,14 +120,14 @@ def _save(key: tuple, record: dict) -> None:
 
 
 def _time_candidates(run: dict[str, Callable[[], object]]) -> dict[str, float]:
-    """Median seconds per call of each candidate, in alternating rounds after two warm-up calls (the
-    first builds oneDNN's primitive); about ROUND_S per round, fewer rounds for slow products."""
+    """Best seconds per call of each candidate (see :meth:`Timings.best`), in alternating rounds after
+    two warm-up calls (the first builds oneDNN's primitive); about ROUND_S per round, fewer for slow products."""
     first = alternate(run, warmup=1, rounds=1)  # one timed call each: the size of the product
     slowest = max(first.seconds[n][0] for n in run)
     rounds = max(1, min(MAX_ROUNDS, int(10 * ROUND_S / max(slowest, 1e-7))))
     calls = max(1, min(100, int(ROUND_S / max(slowest, 1e-7))))
     timed = alternate(run, warmup=0, rounds=rounds, calls=calls)
-    return {name: timed.median(name) for name in run}
+    return {name: timed.best(name) for name in run}
 
 
 def choose(kind: str, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> str:
