@@ -208,3 +208,20 @@ def test_compiled_training_traces_through_tuned_layers(monkeypatch, tiny_config)
     loss.backward()
     torch.testing.assert_close(loss, eager, rtol=1e-5, atol=1e-5)
     assert model.lm_head.weight.grad is not None
+
+
+@needs_onednn
+def test_train_command_runs_on_the_measured_kernels(auto, tmp_path, tiny_corpus, capsys):
+    """`gptlab train` on CPU swaps the layers in (the call site): its products are measured and cached."""
+    from gptlab.cli import main
+    from gptlab.data.prepare import prepare_dataset
+
+    prepare_dataset("text", input=str(tiny_corpus), out=tmp_path / "d", tokenizer="char", progress=False)
+    assert main(["train", "--data", str(tmp_path / "d"), "--out", str(tmp_path / "run"), "--max-steps", "2",
+                 "--model.n_layer=1", "--model.n_head=2", "--model.n_embd=32", "--model.block_size=16",
+                 "--batch.batch_tokens=64", "--batch.micro_batch=4", "--eval.eval_every=0", "--eval.sample_every=0",
+                 "--logging.progress=false", "--system.device=cpu", "--system.threads=1"]) == 0
+    entries = json.loads(auto.read_text())[kernels.machine_key()]
+    # 64 rows of 32 features into the fused q/k/v projection (96), forward and both gradients.
+    assert {"fwd rows<=64 N=96 K=32 bias=1 threads=1", "grad_in rows<=64 N=32 K=96 bias=0 threads=1",
+            "grad_w rows<=128 N=32 K=64 bias=0 threads=1"} <= set(entries)
