@@ -240,7 +240,8 @@ BAD = [
     ("prompt-empty-ids", {"prompt": [[]]}, 400, "prompt"),
     ("token-id-out-of-vocab", {"prompt": [[1, 99999999]]}, 400, "prompt"),
     ("token-id-negative", {"prompt": [-1]}, 400, "prompt"),
-    ("prompt-longer-than-context", {"prompt": [_too_long(BLOCK_SIZE + 1)], "max_tokens": 0, "echo": True}, 400, "prompt"),
+    ("prompt-longer-than-context", {"prompt": [_too_long(BLOCK_SIZE + 1)], "max_tokens": 0, "echo": True}, 400,
+     "prompt"),
     ("prompt-plus-completion-too-long", {"prompt": [_too_long(BLOCK_SIZE - 4)], "max_tokens": 10}, 400, "max_tokens"),
     ("max-tokens-negative", {"prompt": "x", "max_tokens": -1}, 400, "max_tokens"),
     ("max-tokens-string", {"prompt": "x", "max_tokens": "10"}, 400, "max_tokens"),
@@ -267,7 +268,10 @@ BAD = [
 
 @pytest.mark.parametrize("body,status,param", [b[1:] for b in BAD], ids=[b[0] for b in BAD])
 def test_bad_input_is_an_openai_error(server, body, status, param):
-    kw = {"content": body, "headers": {"content-type": "application/json"}} if isinstance(body, bytes) else {"json": body}
+    if isinstance(body, bytes):
+        kw = {"content": body, "headers": {"content-type": "application/json"}}
+    else:
+        kw = {"json": body}
     err = _error(httpx.post(server.url + "/v1/completions", timeout=30, **kw), status)
     assert err["param"] == param, err
 
@@ -389,9 +393,9 @@ def test_cli_errors(run_dir, tmp_path):
 
 def test_bench_serve_against_a_running_server(server, run_dir):
     """``gptlab bench serve --url``: the issue's JSON keys, exact token counts, and --vs-hf on the same weights."""
-    out = subprocess.run([sys.executable, "-m", "gptlab", "bench", "serve", "--model", str(run_dir), "--url", server.url,
-                          "--clients", "4", "--requests", "6", "--prompt-tokens", "8", "--max-tokens", "5",
-                          "--one-client-requests", "2", "--vs-hf", "--json"],
+    out = subprocess.run([sys.executable, "-m", "gptlab", "bench", "serve", "--model", str(run_dir),
+                          "--url", server.url, "--clients", "4", "--requests", "6", "--prompt-tokens", "8",
+                          "--max-tokens", "5", "--one-client-requests", "2", "--ramp-up", "0.2", "--vs-hf", "--json"],
                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr
     r = json.loads(out.stdout)

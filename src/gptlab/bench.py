@@ -635,9 +635,10 @@ def _save_random_run(net: GPT, run_dir: Path) -> None:
 
 
 async def _load_test(url: str, headers: dict[str, str], model: str, prompts: list[list[int]], max_tokens: int,
-                     clients: int) -> tuple[float, list[dict[str, Any]]]:
+                     clients: int, ramp_up_s: float = 0.0) -> tuple[float, list[dict[str, Any]]]:
     """Send every prompt (streamed, greedy, exactly ``max_tokens`` new tokens) from ``clients`` concurrent
-    clients; returns the wall time and, per request, its start and the arrival time of each token."""
+    clients, client i starting ``i * ramp_up_s / clients`` seconds late; returns the wall time and, per
+    request, its start and the arrival time of each token."""
     import asyncio
 
     import httpx
@@ -645,7 +646,8 @@ async def _load_test(url: str, headers: dict[str, str], model: str, prompts: lis
     todo = list(enumerate(prompts))
     results: list[dict[str, Any]] = [{} for _ in prompts]
 
-    async def client_loop(client: httpx.AsyncClient) -> None:
+    async def client_loop(client: httpx.AsyncClient, delay: float) -> None:
+        await asyncio.sleep(delay)
         while todo:
             i, ids = todo.pop(0)
             body = {"model": model, "prompt": ids, "max_tokens": max_tokens, "temperature": 0, "stream": True,
@@ -670,7 +672,7 @@ async def _load_test(url: str, headers: dict[str, str], model: str, prompts: lis
     limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
     async with httpx.AsyncClient(timeout=None, limits=limits) as client:
         t0 = time.perf_counter()
-        await asyncio.gather(*(client_loop(client) for _ in range(clients)))
+        await asyncio.gather(*(client_loop(client, i * ramp_up_s / clients) for i in range(clients)))
         wall = time.perf_counter() - t0
     return wall, results
 
@@ -689,7 +691,8 @@ def _pct(values: list[float], q: float) -> float | None:
 
 def bench_serve(model: str = "gpt2", *, clients: int = 16, requests: int = 32, prompt_tokens: int = 128,
                 max_tokens: int = 128, url: str | None = None, api_key: str | None = None, vs_hf: bool = False,
-                one_client_requests: int = 4, dtype: str = "float32", device: str = "cpu", max_batch: int | None = None,
+                one_client_requests: int = 4, ramp_up_s: float = 0.0, dtype: str = "float32", device: str = "cpu",
+                max_batch: int | None = None,
                 compile: bool = False, quantize: str | None = None, seed: int = 0,
                 quiet: bool = False) -> dict[str, Any]:
     """Load-test ``gptlab serve`` over HTTP, as vLLM's benchmark_serving does.
@@ -699,12 +702,15 @@ def bench_serve(model: str = "gpt2", *, clients: int = 16, requests: int = 32, p
     ``clients`` concurrent streaming clients, each greedy and exactly ``max_tokens`` long; then the first
     ``one_client_requests`` of them from one client alone; with ``vs_hf`` the same ones served one after
     another by transformers' ``generate`` on the same weights (after the server has stopped, so the two
-    never share the CPU). Throughput counts output tokens over wall time.
+    never share the CPU). Throughput counts output tokens over wall time. ``ramp_up_s`` staggers the
+    clients' first requests (0: all at once, so every prefill of the first wave queues behind the others).
     """
     import asyncio
 
     import httpx
 
+    if ramp_up_s < 0:
+        raise GptlabError(f"--ramp-up {ramp_up_s}: must be >= 0 seconds")
     if min(clients, requests, prompt_tokens, max_tokens, one_client_requests) < 1:
         raise GptlabError("bench serve: --clients, --requests, --prompt-tokens, --max-tokens and "
                           "--one-client-requests must be >= 1")
@@ -714,7 +720,8 @@ def bench_serve(model: str = "gpt2", *, clients: int = 16, requests: int = 32, p
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     out: dict[str, Any] = {"bench": "serve", "model": model, "clients": clients, "requests": requests,
                            "prompt_tokens": prompt_tokens, "max_tokens": max_tokens,
-                           "one_client_requests": one_client_requests, "dtype": str(dt).replace("torch.", ""),
+                           "one_client_requests": one_client_requests, "ramp_up_s": ramp_up_s,
+                           "dtype": str(dt).replace("torch.", ""),
                            "compile": compile, "quantize": quantize, "url": url,
                            "timing": "streamed greedy requests over HTTP, ignore_eos: output tokens / wall time; "
                                      "TTFT = request sent -> first token chunk; ITL = gaps between token chunks",
@@ -756,7 +763,7 @@ def bench_serve(model: str = "gpt2", *, clients: int = 16, requests: int = 32, p
         # Warm-up: allocator, first-call paths, and every batch size up to `clients` in the engine.
         asyncio.run(_load_test(url, headers, name, prompts[:clients], 4, clients))
         _say(f"bench serve: warm-up done; {clients} clients x {requests} requests", quiet)
-        wall, res = asyncio.run(_load_test(url, headers, name, prompts, max_tokens, clients))
+        wall, res = asyncio.run(_load_test(url, headers, name, prompts, max_tokens, clients, ramp_up_s))
         ttft, itl, ntok = _latencies(res)
         out.update(seconds=wall, output_tokens=ntok, output_tokens_per_s=ntok / wall,
                    ttft_p50_ms=_pct(ttft, 50), ttft_p99_ms=_pct(ttft, 99), itl_p50_ms=_pct(itl, 50),

@@ -49,6 +49,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     sv.add_argument("--max-tokens", type=int, default=128, help="new tokens per request (exactly: ignore_eos)")
     sv.add_argument("--one-client-requests", type=int, default=4,
                     help="requests in the one-client run (and the --vs-hf run)")
+    sv.add_argument("--ramp-up", type=float, default=0.0,
+                    help="seconds over which the clients' first requests are spread (0: all at once)")
     sv.add_argument("--url", default=None, help="load-test this running server instead of starting one")
     sv.add_argument("--api-key", default=None, help="Bearer key for --url")
     sv.add_argument("--vs-hf", action="store_true",
@@ -149,9 +151,9 @@ def run_serve(args: argparse.Namespace) -> int:
 
     r = bench_serve(args.model, clients=args.clients, requests=args.requests, prompt_tokens=args.prompt_tokens,
                     max_tokens=args.max_tokens, url=args.url, api_key=args.api_key, vs_hf=args.vs_hf,
-                    one_client_requests=args.one_client_requests, dtype=args.dtype, device=args.device,
-                    max_batch=args.max_batch, compile=args.compile, quantize=args.quantize, seed=args.seed,
-                    quiet=args.json)
+                    one_client_requests=args.one_client_requests, ramp_up_s=args.ramp_up, dtype=args.dtype,
+                    device=args.device, max_batch=args.max_batch, compile=args.compile, quantize=args.quantize,
+                    seed=args.seed, quiet=args.json)
 
     def ms(x: float | None) -> str:
         return "n/a" if x is None else f"{x:.0f} ms"

@@ -65,7 +65,8 @@ def run(args: argparse.Namespace) -> int:
     except ImportError as e:
         raise GptlabError(f"gptlab serve needs the serve extra ({e.name} is missing): "
                           "pip install 'gptlab[serve]'") from None
-    for name, value, low in (("port", args.port, 0), ("max-batch", args.max_batch, 1), ("max-queue", args.max_queue, 1)):
+    for name, value, low in (("port", args.port, 0), ("max-batch", args.max_batch, 1),
+                             ("max-queue", args.max_queue, 1)):
         if value < low or (name == "port" and value > 65535):
             raise GptlabError(f"--{name} {value}: must be >= {low}" + (" and <= 65535" if name == "port" else ""))
     if args.shutdown_timeout < 0:

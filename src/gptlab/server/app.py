@@ -517,7 +517,8 @@ def model_info(engine: Any) -> dict[str, Any]:
             "chat_template": chat.chat_template(engine) is not None,
             "tokenizer": getattr(tok, "name", None), "vocab_size": getattr(tok, "vocab_size", None),
             "eot_token": None if getattr(tok, "eot_id", None) is None else tok.decode([tok.eot_id]),
-            "device": str(getattr(engine, "device", "")), "dtype": str(getattr(engine, "dtype", "")).replace("torch.", ""),
+            "device": str(getattr(engine, "device", "")),
+            "dtype": str(getattr(engine, "dtype", "")).replace("torch.", ""),
             "max_batch": getattr(engine, "max_batch", None)}
 
 
