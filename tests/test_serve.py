@@ -391,6 +391,22 @@ def test_cli_errors(run_dir, tmp_path):
     assert main(["serve", "--init", str(run_dir), "--api-key-file", str(tmp_path / "empty")]) == 1
 
 
+def test_cli_load_failure_and_busy_port(run_dir, tmp_path):
+    import socket
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    bad = subprocess.run([sys.executable, "-m", "gptlab", "serve", "--init", str(tmp_path / "missing"), "--port", "0"],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert bad.returncode == 1 and "not found" in bad.stderr.splitlines()[-1], bad.stderr
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        taken = subprocess.run([sys.executable, "-m", "gptlab", "serve", "--init", str(run_dir), "--port", str(port)],
+                               capture_output=True, text=True, timeout=300, env=env)
+    assert taken.returncode == 1 and "could not listen" in taken.stderr.splitlines()[-1], taken.stderr
+
+
 def test_bench_serve_against_a_running_server(server, run_dir):
     """``gptlab bench serve --url``: the issue's JSON keys, exact token counts, and --vs-hf on the same weights."""
     out = subprocess.run([sys.executable, "-m", "gptlab", "bench", "serve", "--model", str(run_dir),

@@ -56,13 +56,18 @@ def serve(loader: Callable[[], Any], *, host: str = "127.0.0.1", port: int = 800
     config = uvicorn.Config(create_app(state), host=host, port=port, log_level=log_level, access_log=False,
                             timeout_graceful_shutdown=max(1, int(round(shutdown_timeout_s))), lifespan="on")
     server = Server(config)
-    server.run()
+    try:
+        server.run()
+    except SystemExit:  # uvicorn exits this way when it cannot bind (its own log line says why)
+        if server.started:
+            raise
+    if not server.started and state.load_error is None:
+        raise GptlabError(f"could not listen on {host}:{port} (is the port in use? pick another with --port, "
+                          "or 0 for any free one)")
     if state.load_error is not None:
         e = state.load_error
         if isinstance(e, GptlabError):
             raise e
         raise GptlabError(f"the model failed to load: {type(e).__name__}: {e}") from e
-    if not server.started:
-        raise GptlabError(f"could not listen on {host}:{port} (is the port in use? pick another with --port)")
     say("stopped")
     return 0
