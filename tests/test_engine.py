@@ -313,3 +313,17 @@ def test_generate_takes_one_parameter_set_per_prompt():
     assert [c.token_ids for c in both] == [eng.generate(["ab"], p)[0].token_ids for p in ps]
     with pytest.raises(InvalidParams, match="2 prompts but 1"):
         eng.generate(["ab", "cd"], ps[:1])
+
+
+def test_bfloat16_weights_decode_on_cpu():
+    """``--dtype bfloat16`` on CPU (half the bytes per token): the cache takes the weights' dtype, sampling
+    reads fp32 logits, and the first token is the bf16 model's own argmax."""
+    model = _model().to(torch.bfloat16)
+    eng = Engine(model, max_batch=2)
+    assert eng.dtype == torch.bfloat16
+    out = eng.generate([[1, 2, 3], [4, 5]], SamplingParams(max_tokens=8, temperature=0, ignore_eot=True))
+    assert eng.cache.k.dtype == torch.bfloat16
+    assert all(c.finish_reason == "length" and len(c.token_ids) == 8 for c in out)
+    with torch.no_grad():
+        logits, _ = model(torch.tensor([[1, 2, 3]]))
+    assert out[0].token_ids[0] == int(logits[0, -1].float().argmax())

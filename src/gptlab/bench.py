@@ -364,6 +364,7 @@ def bench_generate(model: str = "gpt2", *, batch: int = 1, prompt_tokens: int = 
         hf.eval()
         out_extra["hf_architecture"] = hf_arch
         mask = torch.ones_like(idx)
+    n_params = net.num_params()  # before quantization: int8 weights are buffers, not parameters
     gnet = net
     if quantize:
         import copy
@@ -408,7 +409,7 @@ def bench_generate(model: str = "gpt2", *, batch: int = 1, prompt_tokens: int = 
         "bench": "generate", "model": model, "weights": weights, "config": json.loads(cfg.to_json()),
         "batch": batch, "prompt_tokens": prompt_tokens, "new_tokens": N, "rounds": rounds,
         "dtype": str(dt).replace("torch.", ""), "compile": compile, "quantize": quantize,
-        "n_params": net.num_params(),
+        "n_params": n_params,
         "timing": "one Engine.generate() call: prefill of the prompts plus new_tokens decode steps, median over rounds",
         **out_extra, **environment(dev),
     }

@@ -9,7 +9,8 @@ for an :class:`Int8Linear` holding int8 weights and one fp32 scale per output ch
 The product: for one or a few rows (decode steps) a small compiled kernel reads the int8 weights and
 converts them in registers (``(x * w).sum(-1) * scale``, which inductor turns into one vectorised loop);
 for more rows (prefill) the weights are converted once to the activations' dtype and go through the
-ordinary matrix product, where the work is arithmetic, not bytes. Inside a graph the user compiles
+ordinary matrix product, where the work is arithmetic, not bytes. That conversion costs about what reading
+fp32 weights twice would, so int8 pays off for one or a few streams, not for batched serving. Inside a graph the user compiles
 (``--compile``) the plain formula is left to inductor.
 """
 
@@ -82,7 +83,8 @@ class Int8Linear(nn.Module):
         else:
             from gptlab.kernels import linear
 
-            y = linear(x2, self.dequantize(x.dtype))
+            # One conversion pass over the weights; the scales go on the (rows, N) output, not the weights.
+            y = linear(x2, self.weight.to(x.dtype)) * self.scale.to(x.dtype)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.view(*x.shape[:-1], self.out_features)
