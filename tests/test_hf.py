@@ -326,11 +326,17 @@ def test_export_refuses_non_empty_dir_unless_overwrite(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
+    for overwrite in (False, True):  # someone else's directory is never an export to replace
+        with pytest.raises(GptlabError, match="not a gptlab export"):
+            hf.export_hf(model, None, out, overwrite=overwrite)
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    (out / "keep.txt").unlink()
+    hf.export_hf(model, None, out)
+    (out / "keep.txt").write_text("mine")  # added later by the user
     with pytest.raises(GptlabError, match="--overwrite"):
         hf.export_hf(model, None, out)
-    assert (out / "keep.txt").read_text() == "mine"
     hf.export_hf(model, None, out, overwrite=True)
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
+    assert (out / "keep.txt").read_text() == "mine" and (out / "model.safetensors").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 

@@ -161,7 +161,7 @@ def test_corrupt_shard_is_named(tmp_path):
     make_dataset(tmp_path)
     m = json.loads((tmp_path / "manifest.json").read_text())
     m["shards"][0]["tokens"] = 49
-    (tmp_path / "manifest.json").write_text(json.dumps(m))
+    S.write_manifest(tmp_path, m)  # re-written by gptlab: checksum and fingerprints follow the edit
     with pytest.raises(GptlabError, match=r"t_train_000000.bin: header has 50 tokens but manifest.json says 49"):
         TokenLoader(tmp_path, "train", 1, 8)
 

@@ -296,8 +296,9 @@ def test_interrupted_prepare_leaves_no_dataset_and_can_rerun(tmp_path, monkeypat
     monkeypatch.setattr(P, "BATCH_CHARS", 50)
     with pytest.raises(GptlabError, match="failed after 30 documents"):
         P.prepare_dataset("openwebtext", out=tmp_path / "o", shard_tokens=50, progress=False)
-    assert list((tmp_path / "o").glob("*.bin")) and not (tmp_path / "o" / "manifest.json").exists()
-    with pytest.raises(GptlabError, match="no manifest.json"):
+    # Shards are built beside --out: a failed prepare leaves neither --out nor partial shards.
+    assert not (tmp_path / "o").exists() and not list(tmp_path.glob(".o.tmp-*"))
+    with pytest.raises(GptlabError, match="not found"):
         S.read_manifest(tmp_path / "o")
     _fake_hub(monkeypatch, {"train": docs})
     res = P.prepare_dataset("openwebtext", out=tmp_path / "o", shard_tokens=50, progress=False)

@@ -137,9 +137,9 @@ def test_verify_detects_token_out_of_vocab(tmp_path):
     for s in m["shards"]:
         if s["file"] == p.name:
             s["sha256"] = hashlib.sha256(p.read_bytes()).hexdigest()
-    (tmp_path / "manifest.json").write_text(json.dumps(m))
+    S.write_manifest(tmp_path, m)  # a re-written manifest (its checksum and fingerprints follow)
     S.verify_dataset(tmp_path, check_tokens=False)
-    with pytest.raises(GptlabError, match=r"d_val_000000.bin: token 4000 at position 3 is >= the vocabulary size 1000"):
+    with pytest.raises(GptlabError, match=r"d_val_000000.bin: token 4000 at token offset 3 is >= the vocabulary size 1000"):
         S.verify_dataset(tmp_path)
 
 
@@ -147,7 +147,7 @@ def test_verify_detects_count_mismatch_and_missing_files(tmp_path):
     _dataset(tmp_path)
     m = json.loads((tmp_path / "manifest.json").read_text())
     m["shards"][0]["tokens"] = 11
-    (tmp_path / "manifest.json").write_text(json.dumps(m))
+    S.write_manifest(tmp_path, m)  # re-written by gptlab: checksum and fingerprints follow the edit
     with pytest.raises(GptlabError, match=r"d_train_000000.bin: header has 10 tokens but manifest.json says 11"):
         S.verify_dataset(tmp_path)
     (tmp_path / "d_train_000000.bin").unlink()
@@ -169,7 +169,7 @@ def test_read_manifest_errors(tmp_path):
     _dataset(tmp_path)
     m = json.loads((tmp_path / "manifest.json").read_text())
     m["shards"][0]["file"] = "../escape.bin"
-    (tmp_path / "manifest.json").write_text(json.dumps(m))
+    S.write_manifest(tmp_path, m)  # re-written by gptlab: checksum and fingerprints follow the edit
     with pytest.raises(GptlabError, match="must be a plain file name"):
         S.read_manifest(tmp_path)
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from gptlab import fsio
 from gptlab.config import ModelConfig
 from gptlab.convert.hf_base import (  # noqa: F401 - the public mapping API, re-exported
     GPTLAB_TOKENIZER_FILE, HFFormatError, adapter_for_config, config_from_hf, config_to_hf, from_hf_state_dict, hf_architecture,
@@ -66,62 +67,86 @@ def export_hf(model, tokenizer, out_dir: str | os.PathLike, *, overwrite: bool =
     GPT-2 archs -> GPT2LMHeadModel; RoPE+RMSNorm+SwiGLU -> LlamaForCausalLM (Qwen3ForCausalLM with
     qk_norm). GPT-2 BPE writes vocab.json/merges.txt; a char tokenizer writes a character-level
     ``tokenizer.json``. Either way ``gptlab_tokenizer.json`` keeps gptlab's own spec. The directory is
-    built beside ``out_dir`` and renamed into place when complete.
+    built beside ``out_dir`` under its lock and swapped in whole when complete (:func:`gptlab.fsio.replace_dir`:
+    a kill leaves the old or the new export, never neither); files in ``out_dir`` that no export writes stay.
     """
-    from safetensors.torch import save_file
-
-    from gptlab.tokenizer import GPT2Tokenizer, save_tokenizer
-
     config: ModelConfig = model.config
     arch = hf_architecture(config)  # refuse before writing anything
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise GptlabError(f"--out {out}: exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise GptlabError(f"--out {out}: directory exists and is not empty; pass --overwrite to replace it")
     if tokenizer is not None and tokenizer.vocab_size > config.vocab_size:
         raise GptlabError(f"tokenizer has {tokenizer.vocab_size} tokens but the model only {config.vocab_size}")
-    is_gpt2_bpe = isinstance(tokenizer, GPT2Tokenizer)
-    eot = tokenizer.eot_id if tokenizer is not None else None
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
-        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-        hf_state = to_hf_state_dict(state, config)
-        dtype = next(iter(hf_state.values())).dtype
-        hf_config = config_to_hf(config, bos_id=eot, eos_id=eot, dtype=dtype)
-        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
-        gen = {"bos_token_id": eot, "eos_token_id": eot} if eot is not None else {}
-        (tmp / "generation_config.json").write_text(json.dumps({"_from_model_config": True, **gen}, indent=2) + "\n")
-        save_file(hf_state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        if tokenizer is not None:
-            if is_gpt2_bpe:
-                _gpt2_tokenizer_files(tmp, config.block_size)
-            elif getattr(tokenizer, "name", None) == "char":
-                _char_tokenizer_files(tokenizer, tmp, config.block_size)
-            elif getattr(tokenizer, "name", None) == "bpe":
-                from gptlab.tokenizer import write_hf_tokenizer
-
-                write_hf_tokenizer(tokenizer, tmp, model_max_length=config.block_size)
-            save_tokenizer(tokenizer, tmp / GPTLAB_TOKENIZER_FILE)
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    out = fsio.guard_out_dir(out_dir, "--out", is_export_dir, "export")
+    with fsio.DirLock(out, "export directory"):
+        fsio.recover_swap(out)
+        fsio.remove_leftovers(out)
+        if out.is_dir() and any(out.iterdir()) and not overwrite:
+            raise GptlabError(f"--out {out}: directory exists and is not empty; pass --overwrite to replace it")
+        tmp = fsio.temp_name(out)
+        tmp.mkdir(parents=True)
+        try:
+            hf_state = _write_export(model, tokenizer, config, tmp)
+            own = set(EXPORT_FILES) | set(_export_marker(out).get("files", []))
+            fsio.replace_dir(tmp, out, lambda name: name in own)
+        finally:
+            if tmp.exists():  # a failed export leaves --out as it was and nothing beside it
+                fsio.remove_dir(tmp)
     return {"out": str(out), "architecture": ARCHITECTURES[arch], "model_type": arch,
             "params": sum(t.numel() for t in hf_state.values()),
             "tokenizer": tokenizer.spec()["type"] if tokenizer is not None else None,
             "files": sorted(p.name for p in out.iterdir())}
+
+
+# Every file an export may write; exports also list theirs in EXPORT_MARKER.
+EXPORT_MARKER = "gptlab_export.json"
+EXPORT_FILES = ("config.json", "generation_config.json", "model.safetensors", "vocab.json", "merges.txt",
+                "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", GPTLAB_TOKENIZER_FILE,
+                "tokenizer.tiktoken", EXPORT_MARKER)
+
+
+def _export_marker(d: Path) -> dict[str, Any]:
+    try:
+        m = json.loads((d / EXPORT_MARKER).read_text(encoding="utf-8"))
+        return m if isinstance(m, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def is_export_dir(d: Path) -> bool:
+    """A directory ``export`` may replace: one it wrote (its marker, or only files an export writes)."""
+    return bool(_export_marker(d)) or all(p.name in EXPORT_FILES for p in d.iterdir())
+
+
+def _write_export(model, tokenizer, config: ModelConfig, tmp: Path) -> dict[str, torch.Tensor]:
+    """Write every file of an export into ``tmp``; return the HF state dict written."""
+    from safetensors.torch import save as st_save
+
+    from gptlab.tokenizer import GPT2Tokenizer, fingerprint, save_tokenizer
+
+    eot = tokenizer.eot_id if tokenizer is not None else None
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    hf_state = to_hf_state_dict(state, config)
+    dtype = next(iter(hf_state.values())).dtype
+    hf_config = config_to_hf(config, bos_id=eot, eos_id=eot, dtype=dtype)
+    (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+    gen = {"bos_token_id": eot, "eos_token_id": eot} if eot is not None else {}
+    (tmp / "generation_config.json").write_text(json.dumps({"_from_model_config": True, **gen}, indent=2) + "\n")
+    # Through fsio: a full disk is one line naming the file and the space needed.
+    fsio.write_file(tmp / "model.safetensors", st_save(hf_state, metadata={"format": "pt"}))
+    if tokenizer is not None:
+        if isinstance(tokenizer, GPT2Tokenizer):
+            _gpt2_tokenizer_files(tmp, config.block_size)
+        elif getattr(tokenizer, "name", None) == "char":
+            _char_tokenizer_files(tokenizer, tmp, config.block_size)
+        elif getattr(tokenizer, "name", None) == "bpe":
+            from gptlab.tokenizer import write_hf_tokenizer
+
+            write_hf_tokenizer(tokenizer, tmp, model_max_length=config.block_size)
+        save_tokenizer(tokenizer, tmp / GPTLAB_TOKENIZER_FILE)
+    marker = {"format": "gptlab-export", "files": sorted(p.name for p in tmp.iterdir()) + [EXPORT_MARKER],
+              "tokenizer_fingerprint": fingerprint(tokenizer) if tokenizer is not None else None}
+    (tmp / EXPORT_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+    for p in tmp.iterdir():
+        fsio.fsync_file(p)
+    return hf_state
 
 
 def to_hf_model(model):

@@ -1,4 +1,4 @@
-"""Named points of a training run where tests inject faults (a crash, a NaN loss); no environment reads.
+"""Named points where tests inject faults (a crash, a NaN loss, a full disk); no environment reads.
 
 Production code marks a few points with :func:`fire` (an event) or :func:`apply` (a value a hook may
 replace); with nothing installed each is one dict lookup. Tests install hooks in-process with
@@ -10,6 +10,13 @@ Points (keyword arguments the hooks receive):
 - ``step_logged`` (step): step ``step`` is in metrics.jsonl; its evaluations and checkpoint are not done.
 - ``checkpoint_partial`` (step, path): a checkpoint save has written the weights file and nothing else.
 - ``micro_loss`` (value, step, rank) -> loss: a micro-step's loss just before its backward.
+- ``file_write`` (path): a durable writer (:class:`gptlab.fsio.HashingWriter`) is about to write a chunk of
+  ``path``; a hook raising ``OSError(ENOSPC)`` is a full disk.
+- ``checkpoint_renamed`` (path): a checkpoint dir is in place but has no ``COMPLETE`` yet.
+- ``checkpoint_pruning`` (path): pruning has renamed a checkpoint aside and not yet deleted it.
+- ``shard_written`` (path): ``prepare`` has written one shard into its build dir beside ``--out``.
+- ``swap_before`` / ``swap_between`` / ``swap_after`` (path): a directory replace (``prepare``, ``export``)
+  is about to swap, is between the two renames of the no-exchange fallback, has swapped.
 """
 
 from __future__ import annotations
@@ -17,7 +24,8 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any, Callable
 
-POINTS = ("step_logged", "checkpoint_partial", "micro_loss")
+POINTS = ("step_logged", "checkpoint_partial", "micro_loss", "file_write", "checkpoint_renamed", "checkpoint_pruning",
+          "shard_written", "swap_before", "swap_between", "swap_after")
 _HOOKS: dict[str, list[Callable[..., Any]]] = defaultdict(list)
 
 

@@ -149,17 +149,42 @@ def _is_gptlab_run(d: Path) -> bool:
 
 
 def read_gptlab_checkpoint(path: str | os.PathLike) -> Source:
-    """A gptlab run dir (its newest complete checkpoint) or checkpoint dir; ``meta`` is its meta.json."""
-    from gptlab.checkpoint import CheckpointError, load_model_state, read_meta, resolve_checkpoint
+    """A gptlab run dir (its newest checkpoint that verifies) or checkpoint dir; ``meta`` is its meta.json.
+
+    The checkpoint is pinned while it is read, so a training run pruning it meanwhile cannot pull it away;
+    a newer one that is damaged or being deleted is skipped with a warning saying why.
+    """
+    from gptlab.checkpoint import (
+        CHECKPOINTS, COMPLETE, CheckpointError, is_complete, load_model_state, load_newest, pinned, read_checksums,
+        read_meta,
+    )
     from gptlab.config import from_dict
 
-    ckpt = resolve_checkpoint(path)
-    meta = read_meta(ckpt)
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"{p}: no such run or checkpoint directory")
+
+    def load(ckpt: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        sums = read_checksums(ckpt)
+        return read_meta(ckpt, sums), load_model_state(ckpt, "cpu", sums)
+
+    if (p / "meta.json").is_file() or (p / "model.safetensors").is_file():
+        if not is_complete(p):
+            raise CheckpointError(f"{p}: checkpoint is incomplete (no {COMPLETE} marker: its save was "
+                                  f"interrupted); use an older checkpoint or the run dir")
+        with pinned(p):
+            ckpt, (meta, state) = p, load(p)
+    else:
+        found = load_newest(p, load)
+        if found is None:
+            raise CheckpointError(f"{p}: no complete checkpoint in {p / CHECKPOINTS} "
+                                  f"(train longer, or check that the run saved one)")
+        ckpt, (meta, state) = found
     model_cfg = meta.get("model_config")
     if model_cfg is None:
         raise CheckpointError(f"{ckpt / 'meta.json'}: no model_config; not a gptlab checkpoint")
     config = from_dict(ModelConfig, model_cfg, "model")
-    return Source(config, load_model_state(ckpt), _checkpoint_tokenizer(ckpt, meta), "gptlab", str(ckpt), meta)
+    return Source(config, state, _checkpoint_tokenizer(ckpt, meta), "gptlab", str(ckpt), meta)
 
 
 def read_hf(path: str | os.PathLike, kind: str = "hf") -> Source:
@@ -244,6 +269,9 @@ def read_source(src: str | os.PathLike) -> Source:
                           f"Hugging Face or gptlab model ({ACCEPTED})")
     if p.exists():
         raise GptlabError(f"--init {s}: is neither a file nor a directory; expected {ACCEPTED}")
+    if s.count("/") == 1 and p.parent.is_dir():
+        # `exp/a` where `exp/` is a local directory: a missing local path, not a Hub repo id.
+        raise GptlabError(f"--init {s}: not found ({p.parent}/ exists but has no {p.name!r}); expected {ACCEPTED}")
     if s in HUB_REPOS or (s.count("/") == 1 and not s.startswith((".", "/", "~"))):
         return read_hf(hub_download(s), kind="hub")
     raise GptlabError(f"--init {s}: not found; expected {ACCEPTED}")

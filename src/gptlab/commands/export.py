@@ -25,8 +25,15 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from gptlab.errors import GptlabError
+    from gptlab.fsio import same_or_inside
     from gptlab.loading import load_model
 
+    if Path(args.init).expanduser().exists() and same_or_inside(args.init, args.out):
+        raise GptlabError(f"--out {args.out}: is or contains the --init source {args.init}; replacing it would "
+                          f"destroy what is being exported; choose another --out")
     model, tokenizer = load_model(args.init, device="cpu")
     if args.format == "llmc":
         from gptlab.convert.llmc import write_model

@@ -228,7 +228,15 @@ def read_hf_weights(path: str | os.PathLike, device: torch.device | str = "cpu")
         return read_safetensors(d / "model.safetensors", device=dev)
     index = d / "model.safetensors.index.json"
     if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            files = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise HFFormatError(f"{index}: not a safetensors index (no weight_map of file names)") from None
+        root = d.resolve()
+        for f in files:
+            if not isinstance(f, str) or (d / f).resolve().parent != root:
+                raise HFFormatError(f"{index}: weight file {f!r} is outside the model directory; an index may only "
+                                    f"name files beside it")
         out: dict[str, torch.Tensor] = {}
         for f in files:
             out.update(read_safetensors(d / f, device=dev))

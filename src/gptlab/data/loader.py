@@ -180,7 +180,17 @@ class TokenLoader:
             else:
                 for r, s in zip(rows, local):
                     out[r] = toks[int(s) * T:int(s) * T + T + 1]
+            if self.vocab_size is not None and int(out[rows].max()) >= self.vocab_size:
+                self._range_error(shard, out[rows], local)
         return out
+
+    def _range_error(self, shard: int, block: np.ndarray, local: np.ndarray) -> None:
+        """Name the shard and token offset of an id the model cannot embed (instead of an IndexError)."""
+        r, c = np.unravel_index(int(np.argmax(block >= self.vocab_size)), block.shape)
+        offset = int(local[r]) * self.T + int(c)
+        raise LoaderError(f"{self.paths[shard]}: token {int(block[r, c])} at token offset {offset} is >= the "
+                          f"vocabulary size {self.vocab_size} in manifest.json (corrupt shard or wrong tokenizer); "
+                          f"check it with gptlab prepare --verify")
 
     # -- batches -----------------------------------------------------------------------------------
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:

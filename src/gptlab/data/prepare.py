@@ -38,6 +38,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
+from gptlab import fsio, hooks
 from gptlab.data import shards as S
 from gptlab.data import sources
 from gptlab.errors import GptlabError
@@ -178,6 +179,7 @@ class ShardWriter:
         name = f"{self.dataset}_{self.split}_{len(self.shards):06d}.bin"
         sha = S.write_shard(self.out_dir / name, self.buf[:self.fill], self.vocab_size)
         self.shards.append({"file": name, "split": self.split, "tokens": int(self.fill), "sha256": sha})
+        hooks.fire("shard_written", path=self.out_dir / name)
         self.fill = 0
 
 
@@ -191,38 +193,69 @@ def _char_vocab(make_docs: Callable[[], Iterator[sources.Document]]) -> CharToke
     return CharTokenizer(sorted(chars))
 
 
-def _resolve_out(name: str, out: str | os.PathLike | None, overwrite: bool,
-                 own: Callable[[str], bool] | None = None) -> Path:
-    """The output dir, cleared of a previous prepared dataset with ``overwrite``. Shard files this
-    prepare would not write (``own(file_name)`` false), such as llm.c's, make it an error: a dataset
-    prepared beside them would be mistaken for them, or they for it."""
+def is_dataset_dir(d: Path) -> bool:
+    """A directory ``prepare`` may write into: a gptlab dataset (a gptlab manifest.json), or empty."""
+    try:
+        m = json.loads((d / S.MANIFEST).read_text(encoding="utf-8"))
+        return isinstance(m, dict) and m.get("format") == S.MANIFEST_FORMAT
+    except (OSError, ValueError):
+        return not any(d.iterdir()) if d.is_dir() else False
+
+
+def _open_out(name: str, out: str | os.PathLike | None, overwrite: bool,
+              own: Callable[[str], bool] | None = None) -> tuple[Path, fsio.DirLock]:
+    """``--out`` checked (not ``/``, home, or someone else's files) and locked for this prepare; clears
+    what an interrupted prepare of it left behind. Shard files this prepare would not write
+    (``own(file_name)`` false), such as llm.c's, make it an error: a dataset prepared beside them would be
+    mistaken for them, or they for it."""
     out_dir = Path(out).expanduser() if out else sources.default_data_dir(name)
-    manifest = out_dir / S.MANIFEST
-    if manifest.exists() and not overwrite:
-        raise PrepareError(f"{out_dir}: already holds a prepared dataset (manifest.json); pass --overwrite to "
-                           f"replace it, or choose another --out")
     own = own or (lambda f: f.startswith(f"{name}_train_") or f.startswith(f"{name}_val_"))
-    stray = [p.name for p in S.foreign_shard_files(out_dir) if not own(p.name)]
+    stray = [p.name for p in S.foreign_shard_files(out_dir) if not own(p.name)] if out_dir.is_dir() else []
     if stray:
         shown = ", ".join(stray[:3]) + (f" (+{len(stray) - 3} more)" if len(stray) > 3 else "")
         raise PrepareError(f"--out {out_dir}: holds token shards this prepare did not write ({shown}); "
                            f"a dataset is never prepared beside other shards: choose another --out (to use those "
                            f"shards as they are, pass the directory or a glob as --data)")
-    if manifest.exists():
-        # The manifest goes first so an interrupted overwrite never leaves a dataset that lies.
-        try:
-            old = json.loads(manifest.read_text(encoding="utf-8"))
-            old_files = [s.get("file") for s in old.get("shards", []) if isinstance(s, dict)]
-        except (json.JSONDecodeError, AttributeError):
-            old_files = []
-        manifest.unlink()
-        for f in old_files:
-            if isinstance(f, str) and Path(f).name == f:
-                (out_dir / f).unlink(missing_ok=True)
-    elif out_dir.exists() and not out_dir.is_dir():
-        raise PrepareError(f"--out {out_dir}: exists and is not a directory")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    return out_dir
+    out_dir = fsio.guard_out_dir(out_dir, "--out", is_dataset_dir, "dataset")
+    lock = fsio.DirLock(out_dir, "dataset directory").acquire()
+    try:
+        fsio.recover_swap(out_dir)
+        fsio.remove_leftovers(out_dir)
+        if (out_dir / S.MANIFEST).exists() and not overwrite:
+            raise PrepareError(f"{out_dir}: already holds a prepared dataset (manifest.json); pass --overwrite to "
+                               f"replace it, or choose another --out")
+    except BaseException:
+        lock.release()
+        raise
+    return out_dir, lock
+
+
+def _publish(tmp: Path, out_dir: Path) -> None:
+    """Swap the complete new dataset in; the old one's shards and manifest go, anything else stays."""
+    from gptlab.tokenizer import RANKS_FILE
+
+    own = {S.MANIFEST, SPEC_FILE, RANKS_FILE}
+    try:
+        own |= {s["file"] for s in S.read_manifest(out_dir)["shards"]}
+    except GptlabError:
+        pass
+    fsio.replace_dir(tmp, out_dir, lambda n: n in own)
+def _build_into(name: str, out: str | os.PathLike | None, overwrite: bool, write: Callable[[Path, Path], Any],
+                own: Callable[[str], bool] | None = None) -> Any:
+    """Lock ``--out``, let ``write(tmp, out_dir)`` build the whole dataset in a hidden dir beside it, then
+    swap it in; on any failure (or Ctrl-C) the old dataset stays and the build dir goes."""
+    out_dir, lock = _open_out(name, out, overwrite, own)
+    tmp = fsio.temp_name(out_dir)
+    try:
+        res = write(tmp, out_dir)
+        _publish(tmp, out_dir)
+        return res
+    finally:
+        if tmp.exists():
+            fsio.remove_dir(tmp)
+        lock.release()
+
+
 
 
 # llm.c's dev/data/tinyshakespeare.py: an EOT before every blank-line-separated section, the first 32,768
@@ -253,21 +286,28 @@ def _prepare_llmc_shakespeare(name: str, *, input: str | os.PathLike | None, out
     text, source_info = sources.shakespeare_text(info, input)
     tok = GPT2Tokenizer()
     tokens = llmc_shakespeare_tokens(text, tok)
-    out_dir = _resolve_out(name, out, overwrite, own=lambda f: f in LLMC_SHAKESPEARE_FILES.values())
     n_val = LLMC_SHAKESPEARE_VAL_TOKENS
     if tokens.size <= n_val:
         raise PrepareError(f"{name}: {tokens.size:,} tokens; llm.c's layout needs more than {n_val:,} (its val split)")
-    entries = []
-    for split, part in (("val", tokens[:n_val]), ("train", tokens[n_val:])):
-        f = LLMC_SHAKESPEARE_FILES[split]
-        entries.append({"file": f, "split": split, "tokens": int(part.size),
-                        "sha256": S.write_shard(out_dir / f, part, tok.vocab_size)})
     docs = int((tokens == tok.eot_id).sum())
-    manifest = S.build_manifest(dataset=name, tokenizer_spec=tok.spec(), vocab_size=tok.vocab_size, eot_id=tok.eot_id,
-                                shards=entries, source={**source_info, "layout": "llmc", "val_rule": "first_tokens",
-                                                        "val_tokens": n_val},
-                                extra={"documents": docs, "layout": "llmc"})
-    S.write_manifest(out_dir, manifest)
+
+    def write(tmp: Path, out_dir: Path) -> list[dict[str, Any]]:
+        tmp.mkdir(parents=True)
+        entries = []
+        for split, part in (("val", tokens[:n_val]), ("train", tokens[n_val:])):
+            f = LLMC_SHAKESPEARE_FILES[split]
+            entries.append({"file": f, "split": split, "tokens": int(part.size),
+                            "sha256": S.write_shard(tmp / f, part, tok.vocab_size)})
+        manifest = S.build_manifest(dataset=name, tokenizer_spec=tok.spec(), vocab_size=tok.vocab_size,
+                                    eot_id=tok.eot_id, shards=entries,
+                                    source={**source_info, "layout": "llmc", "val_rule": "first_tokens",
+                                            "val_tokens": n_val},
+                                    extra={"documents": docs, "layout": "llmc"})
+        S.write_manifest(tmp, manifest)
+        return entries
+
+    entries = _build_into(name, out, overwrite, write, own=lambda f: f in LLMC_SHAKESPEARE_FILES.values())
+    out_dir = Path(out).expanduser() if out else sources.default_data_dir(name)
     seconds = time.perf_counter() - t0
     return {"dataset": name, "out": str(out_dir), "tokenizer": "gpt2", "vocab_size": tok.vocab_size,
             "eot_id": tok.eot_id, "val_rule": "first_tokens", "layout": "llmc", "documents": docs,
@@ -307,7 +347,15 @@ def prepare_dataset(name: str, *, input: str | os.PathLike | None = None, out: s
         raise PrepareError(f"--max-docs {max_docs}: must be >= 1")
     workers = workers or default_workers()
     t0 = time.perf_counter()
+    return _build_into(name, out, overwrite, lambda tmp, out_dir: _prepare(
+        name, info, input, out_dir, tmp, workers, shard_tokens, val_fraction, field, tokenizer, max_docs, progress,
+        t0))
 
+
+def _prepare(name: str, info: sources.DatasetInfo, input: str | os.PathLike | None, out_dir: Path, tmp: Path,
+             workers: int, shard_tokens: int, val_fraction: float | None, field: str, tokenizer: str | None,
+             max_docs: int | None, progress: bool, t0: float) -> dict[str, Any]:
+    """The tokenizing pass of :func:`prepare_dataset`, writing shards and manifest into ``tmp``."""
     make_docs, source_info = sources.open_source(info, input=input, field_name=field, val_fraction=val_fraction,
                                                  max_docs=max_docs)
     tok_name = tokenizer or info.tokenizer
@@ -320,10 +368,14 @@ def prepare_dataset(name: str, *, input: str | os.PathLike | None = None, out: s
     if tok_name == "char":
         tok = _char_vocab(make_docs)
 
+    chars = 0
+
     def items() -> Iterator[tuple[tuple[int, bool, str | None], str]]:
+        nonlocal chars
         for i, doc in enumerate(make_docs()):
             first = True
             for piece in doc.pieces:
+                chars += len(piece)
                 yield (i, first, doc.split), piece
                 first = False
             if first:  # an empty document still counts (and still gets its EOT)
@@ -349,8 +401,8 @@ def prepare_dataset(name: str, *, input: str | os.PathLike | None = None, out: s
     dtype = S.token_dtype(vocab)
     use_eot = info.layout == "documents" and tok.eot_id is not None
     eot = np.array([tok.eot_id if tok.eot_id is not None else 0], dtype=dtype)
-    out_dir = _resolve_out(name, out, overwrite)
-    writers = {sp: ShardWriter(out_dir, name, sp, shard_tokens, vocab) for sp in ("train", "val")}
+    tmp.mkdir(parents=True)
+    writers = {sp: ShardWriter(tmp, name, sp, shard_tokens, vocab) for sp in ("train", "val")}
     bar = None
     if progress:
         from tqdm import tqdm
@@ -401,6 +453,9 @@ def prepare_dataset(name: str, *, input: str | os.PathLike | None = None, out: s
             bar.close()
 
     total = writers["train"].tokens + writers["val"].tokens
+    if chars == 0:
+        where = f"--input {input}" if input is not None else name
+        raise PrepareError(f"{where}: the input is empty (no text in {ndocs} documents); nothing to prepare")
     if writers["train"].tokens == 0:
         hint = ("the first --shard-tokens tokens are val (build-nanogpt's first shard); pass a smaller "
                 "--shard-tokens or --val-fraction F" if rule == "first_tokens" else "give it more text")
@@ -418,8 +473,8 @@ def prepare_dataset(name: str, *, input: str | os.PathLike | None = None, out: s
                                 shards=shard_list, source=source_info,
                                 extra={"documents": ndocs, "shard_tokens": shard_tokens})
     if isinstance(tok, BPETokenizer):  # the ranks the manifest's spec names, so the directory is self-contained
-        save_tokenizer(tok, out_dir / SPEC_FILE)
-    S.write_manifest(out_dir, manifest)
+        save_tokenizer(tok, tmp / SPEC_FILE)
+    S.write_manifest(tmp, manifest)
     splits = {sp: {"tokens": w.tokens, "shards": [s["file"] for s in w.shards], "documents": w.documents}
               for sp, w in writers.items() if w.tokens or sp == "train"}
     return {"dataset": name, "out": str(out_dir), "tokenizer": tok.spec()["type"], "vocab_size": vocab,

@@ -13,7 +13,9 @@ or of build-nanogpt's ``.npy`` files (``np.save`` of a uint16 array), is read th
 
 ``manifest.json`` beside the shards names the tokenizer, vocabulary size, EOT id and, per shard, its
 split, token count and SHA-256. It is written last and atomically: a directory without a manifest is
-not a dataset.
+not a dataset. It also carries the tokenizer's fingerprint, a fingerprint of the shard list (files,
+splits, counts, hashes) and a ``checksum`` of everything else in it, so an edited manifest is refused.
+:func:`verify_cached` checks the shards' hashes once per dataset (remembered by size and mtime).
 """
 
 from __future__ import annotations
@@ -23,14 +25,13 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
 
 from gptlab.errors import GptlabError
-from gptlab.fsio import fsync_dir
+from gptlab import fsio
 
 HEADER_INTS = 256
 HEADER_BYTES = HEADER_INTS * 4
@@ -83,21 +84,9 @@ def write_shard(path: str | os.PathLike, tokens: Any, vocab_size: int) -> str:
         raise ShardError(f"{path}: token id {bad[0].item()!r} is outside the vocabulary [0, {vocab_size})")
     data = np.ascontiguousarray(arr.astype(dtype.newbyteorder("<"), copy=False))
     header = _header_for(dtype, int(data.size))
-    h = hashlib.sha256()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            for part in (header.tobytes(), memoryview(data).cast("B")):  # no copy of a 100M-token buffer
-                h.update(part)
-                f.write(part)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return h.hexdigest()
+    # No copy of a 100M-token buffer: the header and a byte view of the tokens are written as they are.
+    return fsio.write_atomic(path, [header.tobytes(), memoryview(data).cast("B")])
 
 
 def _npy_header(path: Path) -> tuple[int, np.dtype]:
@@ -178,25 +167,28 @@ def check_token_range(path: str | os.PathLike, vocab_size: int, chunk: int = 1 <
         top = int(block.max()) if block.size else -1
         if top >= vocab_size:
             where = start + int(np.argmax(block >= vocab_size))
-            raise ShardError(f"{path}: token {int(tokens[where])} at position {where} is >= the vocabulary "
+            raise ShardError(f"{path}: token {int(tokens[where])} at token offset {where} is >= the vocabulary "
                              f"size {vocab_size} in manifest.json (wrong tokenizer or corrupt shard)")
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     """Write JSON to a temporary file in the same directory, fsync, then rename over ``path``."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2, ensure_ascii=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    fsio.write_json_atomic(path, obj)
+
+
+def _canonical_sha(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+                          .encode("utf-8")).hexdigest()
+
+
+def manifest_checksum(manifest: dict[str, Any]) -> str:
+    """SHA-256 of the manifest's canonical JSON without its own ``checksum`` key."""
+    return _canonical_sha({k: v for k, v in manifest.items() if k != "checksum"})
+
+
+def data_fingerprint(shards: Iterable[dict[str, Any]]) -> str:
+    """Identity of a dataset's content: its shard files, their splits, counts and hashes, in order."""
+    return _canonical_sha([[s["file"], s["split"], int(s["tokens"]), s["sha256"]] for s in shards])
 
 
 def build_manifest(*, dataset: str, tokenizer_spec: dict[str, Any], vocab_size: int, eot_id: int | None,
@@ -204,6 +196,7 @@ def build_manifest(*, dataset: str, tokenizer_spec: dict[str, Any], vocab_size: 
                    extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """The manifest dict (see module docstring); ``shards`` are ``{"file","split","tokens","sha256"}``."""
     from gptlab import __version__
+    from gptlab.tokenizer import fingerprint
 
     shards = [dict(s) for s in shards]
     splits: dict[str, dict[str, int]] = {}
@@ -217,6 +210,8 @@ def build_manifest(*, dataset: str, tokenizer_spec: dict[str, Any], vocab_size: 
         "format_version": MANIFEST_VERSION,
         "dataset": dataset,
         "tokenizer": tokenizer_spec,
+        "tokenizer_fingerprint": fingerprint(tokenizer_spec),
+        "data_fingerprint": data_fingerprint(shards),
         "vocab_size": int(vocab_size),
         "eot_id": eot_id,
         "dtype": dtype.name,
@@ -235,7 +230,12 @@ def build_manifest(*, dataset: str, tokenizer_spec: dict[str, Any], vocab_size: 
 def write_manifest(data_dir: str | os.PathLike, manifest: dict[str, Any]) -> Path:
     """Atomically write ``manifest.json`` into ``data_dir`` (do this after every shard is complete)."""
     path = Path(data_dir) / MANIFEST
-    write_json_atomic(path, manifest)
+    from gptlab.tokenizer import fingerprint
+
+    manifest = {k: v for k, v in manifest.items() if k != "checksum"}
+    manifest.update(tokenizer_fingerprint=fingerprint(manifest["tokenizer"]),
+                    data_fingerprint=data_fingerprint(manifest["shards"]))
+    write_json_atomic(path, {**manifest, "checksum": manifest_checksum(manifest)})
     return path
 
 
@@ -266,6 +266,16 @@ def read_manifest(data_dir: str | os.PathLike) -> dict[str, Any]:
     for s in m["shards"]:
         if Path(s["file"]).name != s["file"]:
             raise ShardError(f"{path}: shard file {s['file']!r} must be a plain file name inside the dataset directory")
+    if "checksum" in m and m["checksum"] != manifest_checksum(m):
+        raise ShardError(f"{path}: its checksum does not match its content: the manifest was edited or is "
+                         f"corrupt; re-run gptlab prepare")
+    from gptlab.tokenizer import fingerprint
+
+    for key, want in (("tokenizer_fingerprint", lambda: fingerprint(m["tokenizer"])),
+                      ("data_fingerprint", lambda: data_fingerprint(m["shards"]))):
+        if key in m and m[key] != want():
+            raise ShardError(f"{path}: {key} does not match the manifest's {key.split('_')[0]} entries "
+                             f"(edited by hand?); re-run gptlab prepare")
     return m
 
 
@@ -410,6 +420,56 @@ def verify_dataset(data_dir: str | os.PathLike, *, check_hash: bool = True, chec
     checked = [c for c, on in (("header", True), ("sha256", hashed), ("token_range", check_tokens)) if on]
     return {"dir": str(d), "ok": True, "dataset": m.get("dataset"), "vocab_size": vocab, "splits": splits,
             "shards_checked": len(m["shards"]), "checked": checked}
+
+
+def _verified_cache_path(data_dir: Path) -> Path:
+    from gptlab.data.sources import data_home
+
+    key = hashlib.sha256(str(data_dir.resolve()).encode("utf-8")).hexdigest()[:24]
+    return data_home() / ".verified" / f"{key}.json"
+
+
+def verify_cached(data_dir: str | os.PathLike, manifest: dict[str, Any] | None = None) -> int:
+    """:func:`verify_dataset` (hashes and token range) of every shard not verified before in its current
+    form (same size, mtime and inode); remembered under ``$GPTLAB_DATA_HOME/.verified``. Returns the number
+    of shards hashed now (0 when all were verified before)."""
+    d = Path(data_dir)
+    m = manifest if manifest is not None else read_manifest(d)
+    if not any(s.get("sha256") for s in m["shards"]):
+        return 0  # llm.c / build-nanogpt shards without a manifest: no hash was ever recorded to check
+    vocab = int(m["vocab_size"])
+    cache_path = _verified_cache_path(d)
+    try:
+        cache = json.loads(cache_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        cache = {}
+    fresh: dict[str, Any] = {}
+    hashed = 0
+    for s in m["shards"]:
+        path = d / s["file"]
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            raise ShardError(f"{path}: shard file not found (re-run gptlab prepare)") from None
+        key = [st.st_size, st.st_mtime_ns, st.st_ino, s["sha256"], vocab]
+        if cache.get(s["file"]) != key:
+            count, dtype = read_header(path)
+            if count != int(s["tokens"]):
+                raise ShardError(f"{path}: header has {count} tokens but manifest.json says {s['tokens']}")
+            got = file_sha256(path)
+            if got != s["sha256"]:
+                raise ShardError(f"{path}: sha256 {got} does not match manifest.json ({s['sha256']}): the file "
+                                 f"changed or is corrupt; re-run gptlab prepare")
+            check_token_range(path, vocab)
+            hashed += 1
+        fresh[s["file"]] = key
+    if hashed or fresh != cache:
+        try:
+            cache_path.parent.mkdir(parents=True, exist_ok=True)
+            fsio.write_json_atomic(cache_path, fresh)
+        except OSError:
+            pass  # a read-only cache only costs a re-check next time
+    return hashed
 
 
 def write_synthetic_dataset(data_dir: str | os.PathLike, *, train_tokens: int, val_tokens: int = 0,

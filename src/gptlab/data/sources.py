@@ -221,11 +221,21 @@ def iter_text_pieces(text: str, piece_chars: int | None = None) -> Iterator[str]
     yield from iter_safe_pieces((text[i:i + piece_chars] for i in range(0, len(text), piece_chars)), piece_chars)
 
 
+def _not_text(path: Path, offset: int, why: str) -> SourceError:
+    return SourceError(f"{path}: not UTF-8 text ({why} near byte {offset:,}); pass text files only (a binary "
+                       f"or differently encoded file cannot be tokenized as text)")
+
+
 def _read_blocks(path: Path, start: int = 0, stop: int | None = None, block: int = 1 << 20) -> Iterator[str]:
-    """Decode ``path``'s bytes ``[start, stop)`` as UTF-8 in blocks (incremental: no split characters)."""
+    """Decode ``path``'s bytes ``[start, stop)`` as UTF-8 in blocks (incremental: no split characters).
+
+    Bytes that are not UTF-8, and NUL characters (which text never holds), are a :class:`SourceError`
+    naming the file: a binary file must not become a corpus of replacement characters.
+    """
     import codecs
 
-    dec = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    dec = codecs.getincrementaldecoder("utf-8")(errors="strict")
+    pos = start
     with open(path, "rb") as f:
         f.seek(start)
         left = None if stop is None else stop - start
@@ -235,10 +245,19 @@ def _read_blocks(path: Path, start: int = 0, stop: int | None = None, block: int
                 break
             if left is not None:
                 left -= len(raw)
-            text = dec.decode(raw)
+            try:
+                text = dec.decode(raw)
+            except UnicodeDecodeError as e:
+                raise _not_text(path, pos + e.start, f"invalid byte 0x{raw[e.start]:02x}") from None
+            if "\x00" in text:
+                raise _not_text(path, pos + len(text[:text.index("\x00")].encode("utf-8")), "a NUL byte")
+            pos += len(raw)
             if text:
                 yield text
-        tail = dec.decode(b"", final=True)
+        try:
+            tail = dec.decode(b"", final=True)
+        except UnicodeDecodeError:
+            raise _not_text(path, pos, "a truncated character at the end") from None
         if tail:
             yield tail
 
@@ -270,6 +289,17 @@ def _open_text(path: Path) -> io.TextIOBase:
     return open(path, encoding="utf-8")
 
 
+def _lines(f: io.TextIOBase, path: Path) -> Iterator[tuple[int, str]]:
+    """Numbered lines of a text file; undecodable bytes are a :class:`SourceError` naming the file."""
+    lineno = 0
+    try:
+        for lineno, line in enumerate(f, 1):
+            yield lineno, line
+    except UnicodeDecodeError as e:
+        raise SourceError(f"{path}:{lineno + 1}: not UTF-8 text (invalid byte 0x{e.object[e.start]:02x}); "
+                          f"pass text files only") from None
+
+
 def _doc_text(obj: Any, field_name: str, where: str) -> str:
     if not isinstance(obj, dict) or field_name not in obj:
         keys = list(obj)[:8] if isinstance(obj, dict) else type(obj).__name__
@@ -292,7 +322,7 @@ def local_documents(paths: list[Path], field_name: str = "text") -> Iterator[Doc
         name = p.name.lower()
         if name.endswith(JSON_EXTENSIONS):
             with _open_text(p) as f:
-                for lineno, line in enumerate(f, 1):
+                for lineno, line in _lines(f, p):
                     if not line.strip():
                         continue
                     try:
@@ -424,7 +454,7 @@ def shakespeare_text(info: DatasetInfo, input: str | os.PathLike | None) -> tupl
     """The whole Tiny Shakespeare text: ``--input`` file(s), else the SHA-256-checked download (cached)."""
     if input is not None:
         paths = expand_input(input)
-        text = "".join(p.read_text(encoding="utf-8") for p in paths)
+        text = "".join("".join(_read_blocks(p)) for p in paths)
         import hashlib
 
         sha = hashlib.sha256(text.encode("utf-8")).hexdigest()

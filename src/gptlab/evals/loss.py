@@ -44,10 +44,13 @@ class EvalLossError(GptlabError, ValueError):
 def check_tokenizer(manifest: dict[str, Any], model_vocab: int, tokenizer: Any | None, where: str) -> None:
     """The dataset's tokens must mean the same to the model: same vocabulary size and, when the model's
     tokenizer is known, the same tokenizer spec."""
+    from gptlab.tokenizer import fingerprint
+
     spec = manifest.get("tokenizer")
     kind = spec.get("type") if isinstance(spec, dict) else spec
     data_vocab = int(manifest["vocab_size"])
-    if tokenizer is not None and spec is not None and tokenizer.spec() != spec:
+    data_fp = manifest.get("tokenizer_fingerprint") or (fingerprint(spec) if isinstance(spec, dict) else None)
+    if tokenizer is not None and data_fp is not None and fingerprint(tokenizer) != data_fp:
         theirs = tokenizer.spec().get("type")
         raise EvalLossError(f"{where}: the dataset was tokenized with a {kind} tokenizer (vocab {data_vocab}) but "
                             f"the model uses a different {theirs} tokenizer; prepare the data with the model's "
@@ -115,7 +118,7 @@ def evaluate_loss(model: torch.nn.Module, data_dir: str | os.PathLike, *, split:
     """
     from tqdm import tqdm
 
-    from gptlab.data.shards import open_manifest
+    from gptlab.data.shards import open_manifest, verify_cached
     from gptlab.runtime import autocast
 
     t0 = time.perf_counter()
@@ -124,6 +127,7 @@ def evaluate_loss(model: torch.nn.Module, data_dir: str | os.PathLike, *, split:
     manifest = open_manifest(data_dir, val)
     cfg = unwrap_model(model).config
     check_tokenizer(manifest, cfg.vocab_size, tokenizer, str(data_dir))
+    verify_cached(data_dir, manifest)  # shard hashes and token range, once per dataset
     T = int(seq_len or cfg.block_size)
     if not 1 <= T <= cfg.block_size:
         raise EvalLossError(f"seq_len {T}: must be between 1 and the model's context ({cfg.block_size})")
