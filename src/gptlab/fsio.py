@@ -127,8 +127,10 @@ class HashingWriter:
     space was needed. ``close()`` fsyncs. On an exception inside ``with`` the partial file is removed.
     """
 
-    def __init__(self, path: str | os.PathLike, expected_size: int | None = None) -> None:
+    def __init__(self, path: str | os.PathLike, expected_size: int | None = None,
+                 display: str | os.PathLike | None = None) -> None:
         self.path = Path(path)
+        self.display = display or self.path  # the name errors give (a temporary's final name)
         self.expected_size = expected_size
         self.sha = hashlib.sha256()
         self.size = 0
@@ -136,7 +138,7 @@ class HashingWriter:
         try:
             self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
         except OSError as e:
-            raise disk_error(e, self.path, expected_size) from None
+            raise disk_error(e, self.display, expected_size) from None
 
     def write(self, data: Any) -> int:
         view = memoryview(data).cast("B")
@@ -149,7 +151,7 @@ class HashingWriter:
                 done += os.write(self.fd, view[done:done + (1 << 26)])
         except OSError as e:
             need = (self.expected_size - self.size) if self.expected_size else n
-            self.error = disk_error(e, self.path, need)
+            self.error = disk_error(e, self.display, need)
             raise self.error from None
         self.size += n
         return n
@@ -166,7 +168,7 @@ class HashingWriter:
         try:
             os.fsync(self.fd)
         except OSError as e:
-            self.error = disk_error(e, self.path, None)
+            self.error = disk_error(e, self.display, None)
             raise self.error from None
         finally:
             os.close(self.fd)
@@ -194,11 +196,11 @@ class HashingWriter:
                 raise self.error from None  # e.g. torch.save's RuntimeError hiding our ENOSPC
 
 
-def write_file(path: str | os.PathLike, data: bytes | Iterable[Any]) -> str:
+def write_file(path: str | os.PathLike, data: bytes | Iterable[Any], display: str | os.PathLike | None = None) -> str:
     """Write ``data`` (bytes, or an iterable of buffers) to a new file at ``path``; return its SHA-256."""
     parts = [data] if isinstance(data, (bytes, bytearray, memoryview)) else list(data)
     size = sum(memoryview(p).nbytes for p in parts)
-    with HashingWriter(path, size) as w:
+    with HashingWriter(path, size, display) as w:
         for p in parts:
             w.write(p)
     return w.hexdigest()
@@ -212,7 +214,7 @@ def write_atomic(path: str | os.PathLike, data: bytes | Iterable[Any]) -> str:
     path = Path(path)
     tmp = temp_name(path)
     try:
-        digest = write_file(tmp, data)
+        digest = write_file(tmp, data, display=path)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
