@@ -25,13 +25,14 @@ import torch
 
 from gptlab import fsio
 from gptlab.checkpoint import (
-    CHECKSUMS, COMPLETE, CheckpointError, capture_rng_state, list_checkpoints, load_model_from_checkpoint,
+    CHECKSUMS, COMPLETE, CheckpointError, capture_rng_state, list_checkpoints,
     load_newest, load_training_state, pinned, prune_checkpoints, save_checkpoint,
 )
 from gptlab.config import ModelConfig, to_dict
 from gptlab.data import prepare as P
 from gptlab.data import shards as S
 from gptlab.errors import GptlabError
+from gptlab.loading import load_checkpoint as load_model_from_checkpoint
 from gptlab.model import GPT
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
