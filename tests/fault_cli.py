@@ -6,7 +6,9 @@ test switches). For tests that need a real process to die:
 
 Faults: ``kill_at_step=N`` (SIGKILL once step N is logged, before its evaluations and checkpoint),
 ``kill_in_save=N`` (SIGKILL once checkpoint N has written its weights and nothing else),
-``nan_at_step=N`` with optional ``nan_rank=R`` (a NaN loss at step N, on rank R only).
+``nan_at_step=N`` with optional ``nan_rank=R`` (a NaN loss at step N, on rank R only), and for any other
+point of :mod:`gptlab.hooks`, ``kill_on_POINT=N`` (SIGKILL the N-th time ``POINT`` fires, e.g.
+``kill_on_swap_after=1``, ``kill_on_shard_written=3``).
 """
 
 from __future__ import annotations
@@ -38,6 +40,16 @@ def install_faults(spec: str) -> Callable[[], None]:
             return value * float("nan") if hit else value
 
         removers.append(hooks.install("micro_loss", nan))
+    for key, nth in f.items():
+        if key.startswith("kill_on_"):
+            seen = [0]
+
+            def kill_nth(nth: int = nth, seen: list = seen, **info) -> None:
+                seen[0] += 1
+                if seen[0] == nth:
+                    kill()
+
+            removers.append(hooks.install(key[len("kill_on_"):], kill_nth))
 
     def remove() -> None:
         for r in removers:

@@ -1,9 +1,9 @@
 """Fault injection for issue 11 (reliability): kills at named points, corrupted bytes, two writers, a full disk.
 
-Each test names the defect (``dN``) of issue 11 it pins down. Kills run in a subprocess whose fault hook
-(:data:`gptlab.fsio.FAULT_HOOK`, installed by this file's driver, never by gptlab) SIGKILLs it at the
-n-th time it reaches a named point; a full disk is a hook that raises ``OSError(ENOSPC)`` from the write
-path. The counts (kills tried / survived, corruptions tried / detected, concurrent writers tried / refused)
+Each test names the defect (``dN``) of issue 11 it pins down. Kills run the CLI in a subprocess through
+``tests/fault_cli.py``, whose hook (a :mod:`gptlab.hooks` point, installed by the test, never by gptlab)
+SIGKILLs it the n-th time it reaches a named point; a full disk is a hook on ``file_write`` that raises
+``OSError(ENOSPC)``. The counts (kills tried / survived, corruptions tried / detected, concurrent writers tried / refused)
 are printed at the end of the module and written to ``$GPTLAB_RELIABILITY_COUNTS`` when it is set.
 """
 
@@ -50,33 +50,29 @@ def _report_counts():
 
 
 @pytest.fixture(autouse=True)
-def _no_hook(tmp_path, monkeypatch):
+def _data_home(tmp_path, monkeypatch):
     monkeypatch.setenv("GPTLAB_DATA_HOME", str(tmp_path / "data_home"))
-    yield
-    fsio.FAULT_HOOK = None
 
 
-# The driver a killed subprocess runs: it installs the fault hook, then runs the gptlab CLI.
-DRIVER = textwrap.dedent("""
-    import os, signal, sys
-    from gptlab import fsio
-    point, nth = sys.argv[1], int(sys.argv[2])
-    seen = [0]
-    def hook(name, path):
-        if name == point:
-            seen[0] += 1
-            if seen[0] == nth:
-                os.kill(os.getpid(), signal.SIGKILL)
-    fsio.FAULT_HOOK = hook
-    from gptlab.cli import main
-    sys.exit(main(sys.argv[3:]))
-""")
+FAULT_CLI = str(Path(__file__).resolve().parent / "fault_cli.py")
 
 
 def run_killed(point: str, nth: int, args: list[str], cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """The gptlab CLI in a subprocess that SIGKILLs itself the ``nth`` time hook point ``point`` fires."""
     env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-c", DRIVER, point, str(nth), *args], capture_output=True, text=True,
-                          env=env, timeout=240, cwd=cwd)
+    return subprocess.run([sys.executable, FAULT_CLI, f"kill_on_{point}={nth}", "--", *args], capture_output=True,
+                          text=True, env=env, timeout=240, cwd=cwd)
+
+
+@pytest.fixture
+def fault():
+    """``fault(point, fn)`` installs an in-process hook for this test only."""
+    from gptlab import hooks
+
+    removers = []
+    yield lambda point, fn: removers.append(hooks.install(point, fn))
+    for r in removers:
+        r()
 
 
 def gptlab(args: list[str], cwd: Path | None = None, timeout: float = 240) -> subprocess.CompletedProcess:
@@ -393,7 +389,7 @@ def _export_seed(out: Path) -> int:
     raise AssertionError("--out holds neither export")
 
 
-@pytest.mark.parametrize("point,nth", [("swap.before", 1), ("swap.after", 1), ("write", 1)])
+@pytest.mark.parametrize("point,nth", [("swap_before", 1), ("swap_after", 1), ("file_write", 1)])
 def test_d4_export_overwrite_killed_leaves_a_complete_out(tmp_path, point, nth):
     src_old, src_new, out = tmp_path / "old", tmp_path / "new", tmp_path / "out"
     _export(1, src_old)
@@ -410,7 +406,7 @@ def test_d4_export_overwrite_killed_leaves_a_complete_out(tmp_path, point, nth):
     assert listing(tmp_path) == ["new", "old", "out"]  # no leftovers
 
 
-def test_d4_without_exchange_rename_the_next_run_restores_out(tmp_path, monkeypatch):
+def test_d4_without_exchange_rename_the_next_run_restores_out(tmp_path, monkeypatch, fault):
     """Where the filesystem has no exchange rename, a kill between the two renames is repaired by the
     next writer (which takes the lock first)."""
     out = tmp_path / "out"
@@ -419,14 +415,12 @@ def test_d4_without_exchange_rename_the_next_run_restores_out(tmp_path, monkeypa
     _export(2, new)
     monkeypatch.setattr(fsio, "exchange", lambda a, b: False)
 
-    def die(name, path):
-        if name == "swap.between":
-            raise KeyboardInterrupt
+    def die(path):
+        raise KeyboardInterrupt
 
-    fsio.FAULT_HOOK = die
+    fault("swap_between", die)
     with pytest.raises(KeyboardInterrupt):
         fsio.swap_dirs(new, out)
-    fsio.FAULT_HOOK = None
     assert not out.exists()
     fsio.recover_swap(out)
     assert _export_seed(out) == 1
@@ -445,7 +439,7 @@ def test_d4_d13_export_refuses_its_own_source_and_foreign_dirs_and_missing_local
 
 
 @pytest.mark.parametrize("failure", ["bad_input", "interrupt"])
-def test_d12_failed_prepare_overwrite_keeps_the_old_dataset(tmp_path, failure):
+def test_d12_failed_prepare_overwrite_keeps_the_old_dataset(tmp_path, failure, fault):
     out = _dataset(tmp_path)
     before = S.read_manifest(out)["data_fingerprint"]
     if failure == "bad_input":
@@ -454,11 +448,10 @@ def test_d12_failed_prepare_overwrite_keeps_the_old_dataset(tmp_path, failure):
         with pytest.raises(GptlabError, match="b.jsonl:2"):
             P.prepare_dataset("jsonl", input=bad, out=out, overwrite=True, progress=False)
     else:
-        def interrupt(name, path):
-            if name == "prepare.after_shard":
-                raise KeyboardInterrupt
+        def interrupt(path):
+            raise KeyboardInterrupt
 
-        fsio.FAULT_HOOK = interrupt
+        fault("shard_written", interrupt)
         with pytest.raises(KeyboardInterrupt):
             P.prepare_dataset("text", input=corpus(tmp_path / "n.txt", 9, 6000), out=out, tokenizer="char",
                               shard_tokens=1000, overwrite=True, progress=False)
@@ -477,7 +470,7 @@ def test_d8_d12_killed_prepare_overwrite_keeps_old_and_next_run_clears_leftovers
     new = corpus(tmp_path / "n.txt", 9, 6000)
     args = ["prepare", "text", "--input", str(new), "--out", str(out), "--tokenizer", "char",
             "--shard-tokens", "1000", "--overwrite"]
-    r = run_killed("prepare.after_shard", nth, args)
+    r = run_killed("shard_written", nth, args)
     COUNTS["kills_tried"] += 1
     assert r.returncode == -signal.SIGKILL, r.stderr
     assert S.verify_dataset(out)["ok"] and S.read_manifest(out)["data_fingerprint"] == before
@@ -513,17 +506,17 @@ def test_d5_out_must_not_be_root_home_or_someone_elses_directory(tmp_path, monke
 
 
 def _enospc_on(fragment: str):
-    def hook(name, path):
-        if name == "write" and fragment in path:
+    def hook(path):
+        if fragment in str(path):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     return hook
 
 
 @pytest.mark.parametrize("target", ["model.safetensors", "optimizer.pt", "rng.pt"])
-def test_d7_checkpoint_on_a_full_disk_is_one_line_naming_the_file(tmp_path, target):
+def test_d7_checkpoint_on_a_full_disk_is_one_line_naming_the_file(tmp_path, target, fault):
     run = tmp_path / "run"
     save(run, 1, tiny_model())
-    fsio.FAULT_HOOK = _enospc_on(target)
+    fault("file_write", _enospc_on(target))
     with pytest.raises(fsio.DiskError) as e:
         save(run, 2, tiny_model())
     msg = str(e.value)
@@ -531,12 +524,12 @@ def test_d7_checkpoint_on_a_full_disk_is_one_line_naming_the_file(tmp_path, targ
     assert [p.name for p in (run / "checkpoints").iterdir()] == ["step_00000001"]  # no partial temp left
 
 
-def test_d7_prepare_and_export_on_a_full_disk_name_the_file(tmp_path):
-    fsio.FAULT_HOOK = _enospc_on(".bin")
+def test_d7_prepare_and_export_on_a_full_disk_name_the_file(tmp_path, fault):
+    fault("file_write", _enospc_on(".bin"))
     with pytest.raises(fsio.DiskError, match=r"/text_train_000000\.bin: write failed: No space left on device.*free there"):
         P.prepare_dataset("text", input=corpus(tmp_path / "a.txt"), out=tmp_path / "d", tokenizer="char",
                           progress=False)
-    fsio.FAULT_HOOK = _enospc_on("model.safetensors")
+    fault("file_write", _enospc_on("model.safetensors"))
     from gptlab.hf import export_hf
 
     with pytest.raises(fsio.DiskError, match=r"model\.safetensors.*No space left on device"):
@@ -551,9 +544,9 @@ def test_d8_kill_while_pruning_leaves_nothing_for_good(tmp_path):
     run = tmp_path / "run"
     driver = textwrap.dedent(f"""
         import os, signal, torch
-        from gptlab import fsio
+        from gptlab import hooks
         from gptlab.checkpoint import prune_checkpoints
-        fsio.FAULT_HOOK = lambda name, path: os.kill(os.getpid(), signal.SIGKILL) if name == "checkpoint.prune" else None
+        hooks.install("checkpoint_pruning", lambda path: os.kill(os.getpid(), signal.SIGKILL))
         prune_checkpoints({str(run)!r}, keep_last=1, keep_best=False)
     """)
     for s in (1, 2):
