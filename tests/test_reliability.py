@@ -612,3 +612,167 @@ def test_files_honour_the_umask(tmp_path):
     assert len(files) > 10
     modes = {p.name: oct(p.stat().st_mode & 0o777) for p in files}
     assert set(modes.values()) == {"0o644"}, modes
+
+
+# --------------------------------------------------------------------------- train: d1, d2, d5, d6, d8, d11, d14
+
+TINY = ["--model.n_layer=2", "--model.n_head=2", "--model.n_embd=32", "--model.block_size=32",
+        "--eval.eval_every=0", "--eval.sample_every=0", "--logging.progress=false", "--system.device=cpu",
+        "--optim.warmup_steps=2", "--optim.lr=1e-2", "--system.threads=1", "--batch.batch_tokens=128",
+        "--batch.micro_batch=4", "--checkpoint.every=2"]
+
+
+@pytest.fixture(scope="module")
+def chars(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("chars")
+    P.prepare_dataset("text", input=corpus(root / "c.txt", 5, 8000), out=root / "d", tokenizer="char",
+                      progress=False)
+    return root / "d"
+
+
+def cfg(data: Path, out: Path, *extra: str, **flags):
+    from gptlab.config import resolve_train_config
+
+    return resolve_train_config(None, {"data": str(data), "out": str(out), **flags}, [*TINY, *extra])
+
+
+def weights(run: Path) -> dict[str, torch.Tensor]:
+    from gptlab.checkpoint import latest_checkpoint, load_model_state
+
+    return load_model_state(latest_checkpoint(run))
+
+
+def test_d1_train_refuses_a_second_writer_of_its_run_dir(chars, tmp_path):
+    """A real second ``gptlab train`` while one runs (and a held lock in-process): refused, naming the holder."""
+    from gptlab.train import train
+
+    run = tmp_path / "r"
+    COUNTS["writers_tried"] += 1
+    with fsio.DirLock(run, "run directory"):
+        with pytest.raises(fsio.LockError, match=f"in use by another gptlab process, pid {os.getpid()}"):
+            train(cfg(chars, run, max_steps=2))
+    COUNTS["writers_refused"] += 1
+    assert not run.exists()
+    first = subprocess.Popen([sys.executable, "-m", "gptlab", "train", "--data", str(chars), "--out", str(run),
+                              "--max-steps", "100000", "--resume", "auto", *TINY], env={**os.environ, "PYTHONPATH": SRC},
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        import time
+
+        deadline = time.time() + 180
+        while not list(run.glob("checkpoints/step_*")) and time.time() < deadline and first.poll() is None:
+            time.sleep(0.2)
+        assert first.poll() is None, first.stderr.read()
+        COUNTS["writers_tried"] += 1
+        r = gptlab(["train", "--data", str(chars), "--out", str(run), "--max-steps", "3", "--resume", "never", *TINY])
+        assert r.returncode == 1 and f"pid {first.pid}" in r.stderr and "in use" in r.stderr, r.stderr
+        COUNTS["writers_refused"] += 1
+        assert first.poll() is None  # the first run goes on, its checkpoints intact
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.wait(timeout=120)
+    assert first.returncode == 0
+
+
+@pytest.mark.parametrize("how", ["weights_bytes", "optimizer_missing", "rng_bytes"])
+def test_d2_resume_skips_a_damaged_checkpoint_and_stays_exact(chars, tmp_path, how, capsys):
+    from gptlab.train import train
+
+    ref = tmp_path / "ref"
+    train(cfg(chars, ref, max_steps=6))
+    run = tmp_path / "r"
+    train(cfg(chars, run, "--checkpoint.keep_last=0", max_steps=4))
+    _corrupt(run / "checkpoints" / "step_00000004", how)
+    COUNTS["corruptions_tried"] += 1
+    s = train(cfg(chars, run, "--checkpoint.keep_last=0", max_steps=6, resume="auto"))
+    err = capsys.readouterr().err
+    assert "skipping checkpoint" in err and "step_00000004" in err and "resumed from" in err
+    COUNTS["corruptions_detected"] += 1
+    assert s["steps"] == 6
+    a, b = weights(ref), weights(run)
+    assert all(torch.equal(a[k], b[k]) for k in a)  # resumed from step 2: the same run as uninterrupted
+
+
+def test_d6_resume_step_picks_a_checkpoint_and_max_steps_change_is_reported(chars, tmp_path, capsys):
+    from gptlab.train import train
+
+    ref = tmp_path / "ref"
+    train(cfg(chars, ref, max_steps=6))
+    run = tmp_path / "r"
+    train(cfg(chars, run, "--checkpoint.keep_last=0", max_steps=6))
+    train(cfg(chars, run, "--checkpoint.keep_last=0", max_steps=6, resume="2"))
+    assert "resumed from" in capsys.readouterr().err and "step_00000002" in str(list_checkpoints(run)[0])
+    a, b = weights(ref), weights(run)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(CheckpointError, match="no complete checkpoint for step 3"):
+        train(cfg(chars, run, max_steps=6, resume="3"))
+    train(cfg(chars, run, max_steps=8, resume="auto"))
+    assert "learning-rate schedule changes" in capsys.readouterr().err
+
+
+def test_d5_train_out_is_checked_and_resume_never_removes_only_gptlab_files(chars, tmp_path, monkeypatch):
+    from gptlab.train import train
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "config.json").write_text('{"my": "settings"}')
+    with pytest.raises(GptlabError, match="not a gptlab run"):
+        train(cfg(chars, mine, max_steps=2, resume="never"))
+    assert (mine / "config.json").read_text() == '{"my": "settings"}'
+    monkeypatch.setenv("HOME", str(tmp_path))
+    with pytest.raises(GptlabError, match="home"):
+        train(cfg(chars, tmp_path, max_steps=2))
+    run = tmp_path / "r"
+    train(cfg(chars, run, max_steps=2))
+    (run / "checkpoints" / "k.txt").write_text("keep")
+    (run / "notes.md").write_text("keep")
+    train(cfg(chars, run, max_steps=2, resume="never"))
+    assert (run / "checkpoints" / "k.txt").read_text() == "keep" and (run / "notes.md").read_text() == "keep"
+
+
+def test_d8_a_checkpoint_beyond_keep_last_is_pruned_at_start(chars, tmp_path):
+    """A kill after the last COMPLETE but before pruning leaves keep_last + 1 checkpoints; the next start trims."""
+    from gptlab.train import train
+
+    run = tmp_path / "r"
+    train(cfg(chars, run, "--checkpoint.keep_last=0", max_steps=6))
+    assert len(list_checkpoints(run)) == 3
+    train(cfg(chars, run, "--checkpoint.keep_last=1", max_steps=6, resume="auto"))
+    assert [c.name for c in list_checkpoints(run)] == ["step_00000006"]
+
+
+def test_d11_sigterm_during_start_up_exits_cleanly(chars, tmp_path):
+    import time
+
+    run = tmp_path / "r"
+    p = subprocess.Popen([sys.executable, "-m", "gptlab", "train", "--data", str(chars), "--out", str(run),
+                          "--max-steps", "5", *TINY], env={**os.environ, "PYTHONPATH": SRC},
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lock = fsio.lock_path(run)
+    deadline = time.time() + 120
+    while not lock.exists() and time.time() < deadline and p.poll() is None:
+        time.sleep(0.01)
+    p.send_signal(signal.SIGTERM)  # the run dir is locked: start-up is under way, no step has run
+    out, err = p.communicate(timeout=120)
+    COUNTS["kills_tried"] += 1
+    assert p.returncode == 0, err
+    assert "during start-up" in err and not list_checkpoints(run) and not lock.exists()
+    COUNTS["kills_survived"] += 1
+
+
+def test_d14_train_init_refuses_a_model_with_another_tokenizer(chars, tmp_path):
+    from gptlab.config import ConfigError
+    from gptlab.train import train
+
+    run = tmp_path / "a"
+    train(cfg(chars, run, max_steps=2))
+    other = tmp_path / "other"
+    P.prepare_dataset("text", input=corpus(tmp_path / "o.txt", 6, 8000), out=other, tokenizer="char", progress=False)
+    (other / "x").touch()  # not part of the dataset; irrelevant here
+    m = S.read_manifest(other)
+    m["tokenizer"]["chars"] = m["tokenizer"]["chars"][::-1]  # same size, another character table
+    S.write_manifest(other, m)
+    with pytest.raises(ConfigError, match="fingerprints differ"):
+        train(cfg(other, tmp_path / "b", f"--model.init={run}", max_steps=2))
+    with pytest.raises(GptlabError, match="fingerprints differ"):
+        train(cfg(other, run, max_steps=4, resume="auto"))

@@ -314,11 +314,12 @@ def test_resume_rules(data_dir, tmp_path):
     # A different model cannot continue this run.
     with pytest.raises(ResumeError, match="model.n_layer: 2 -> 3"):
         train(cfg_for(data_dir, out, *small, "--model.n_layer=3", max_steps=4, resume="auto"))
-    # Progress without any complete checkpoint: never silently restarted from step 0.
+    # Progress without any complete checkpoint: --resume auto starts fresh (and says so), as llm.c does,
+    # so a scheduler restarting a job that died before its first checkpoint recovers (issue 11, d6).
     for c in list_checkpoints(out):
         (c / "COMPLETE").unlink()
-    with pytest.raises(ResumeError, match="progress up to step 2"):
-        train(cfg_for(data_dir, out, *small, max_steps=4, resume="auto"))
+    s = train(cfg_for(data_dir, out, *small, max_steps=2, resume="auto"))
+    assert s["steps"] == 2 and [st for st, _ in train_losses(out)] == [1, 2]
     # --resume never starts over explicitly.
     s = train(cfg_for(data_dir, out, *small, max_steps=3, resume="never"))
     assert s["steps"] == 3 and [st for st, _ in train_losses(out)] == [1, 2, 3]

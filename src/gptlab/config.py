@@ -485,7 +485,7 @@ class TrainConfig:
 
     name: str = "run"  # recipe name; the default run dir is runs/<name>
     out_dir: str = ""  # run directory; --out
-    resume: str = ""  # "" (refuse to touch an existing run) | "auto" | "never" (start over)
+    resume: str = ""  # "" (refuse to touch an existing run) | "auto" | "never" (start over) | "STEP"
     model: TrainModelConfig = field(default_factory=lambda: TrainModelConfig(pad_vocab_multiple=128))
     data: TrainDataConfig = field(default_factory=TrainDataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -497,8 +497,8 @@ class TrainConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def __post_init__(self) -> None:
-        if self.resume not in ("", "auto", "never"):
-            raise ConfigError(f"resume={self.resume!r}: expected auto or never")
+        if self.resume not in ("", "auto", "never") and not str(self.resume).isdigit():
+            raise ConfigError(f"resume={self.resume!r}: expected auto, never, or a checkpoint's step number")
         seq = self.seq_len
         if seq > self.model.block_size:
             raise ConfigError(f"batch.seq_len={seq} exceeds model.block_size={self.model.block_size}: "

@@ -34,6 +34,7 @@ import torch.nn as nn
 from gptlab import dist as gdist
 from gptlab import hooks
 from gptlab.checkpoint import prune_checkpoints, read_meta
+from gptlab.data.shards import verify_cached
 from gptlab.config import ConfigError, TrainConfig, to_dict
 from gptlab.errors import GptlabError
 from gptlab.kernels import apply_cpu_kernels
@@ -91,6 +92,13 @@ class Trainer:
         bar = tqdm(total=max_steps, initial=self.progress.step, file=sys.stderr, dynamic_ncols=True, unit="step",
                    disable=(not info.is_main or not cfg.logging.progress) or None, leave=False)
         self.stop.install()
+        if self.stop.reason is not None:  # a signal during start-up: nothing trained, nothing to save
+            bar.close()
+            gdist.print0(f"stopped ({self.stop.reason}) during start-up, before step {self.progress.step + 1}; "
+                         f"nothing to save")
+            return {"steps": self.progress.step, "max_steps": max_steps, "final_loss": None, "val_loss": None,
+                    "best_val_loss": self.progress.best_val, "tokens": self.progress.step * cfg.batch.batch_tokens,
+                    "stopped": self.stop.reason, "elapsed_s": time.time() - self.t_start, "ms_per_step": None}
         try:
             while self.progress.step < max_steps:
                 want_stop = self.stop.reason is not None or (0 < time_limit_s < time.time() - self.t_start)
@@ -207,17 +215,28 @@ class Trainer:
 # --------------------------------------------------------------------------- set-up, once
 
 
-def build(cfg: TrainConfig, info: gdist.DistInfo, device: torch.device) -> Trainer:
+def build(cfg: TrainConfig, info: gdist.DistInfo, device: torch.device, stop: StopFlag | None = None,
+          held: list | None = None) -> Trainer:
     """Everything before the first step, in order; returns the :class:`Trainer` ready to :meth:`~Trainer.fit`."""
     t_start = time.time()
+    stop = stop or StopFlag()
+    held = held if held is not None else []
     S.set_precision(cfg, device)
     dtype = resolve_dtype(cfg.system.dtype, device)
     grad_accum = cfg.grad_accum_steps(info.world_size)
 
-    # ---- data, and the run to continue (rank 0 decides, everyone follows)
+    # ---- the run dir (rank 0 locks it for the whole run), data, the run to continue (rank 0 decides)
+    def lock_run_dir() -> str:
+        path, lock = S.open_run_dir(cfg)
+        held.append(lock)  # released by train() when the run ends, however it ends
+        return str(path)
+
+    run_dir = Path(S.on_main(lock_run_dir))
     data_dir = S.resolve_data_dir(cfg)
     manifest = S.on_main(S.prepare_data, cfg, data_dir)
-    run_dir = Path(cfg.out_dir or Path("runs") / cfg.name).expanduser()
+    hashed = S.on_main(verify_cached, data_dir, manifest)  # shard hashes + token range, once per dataset
+    if hashed:
+        gdist.print0(f"data: verified {hashed} shard(s) of {data_dir} (sha256, token range); remembered")
     tok_spec, vocab_size = manifest["tokenizer"], int(manifest["vocab_size"])
     if S.split_tokens(manifest, "train") < cfg.batch.micro_batch * cfg.seq_len + 1:
         raise GptlabError(f"{data_dir}: the train split has {S.split_tokens(manifest, 'train')} tokens, fewer than "
@@ -227,19 +246,12 @@ def build(cfg: TrainConfig, info: gdist.DistInfo, device: torch.device) -> Train
     resume_meta = read_meta(ckpt) if ckpt else None
     if resume_meta is not None:
         S.check_resume_compatible(cfg, resume_meta, info.world_size, ckpt)
+        if note := S.schedule_note(cfg, resume_meta):
+            gdist.print0(note)
 
     # ---- model (the checkpoint's weights, model.init's, or a seeded init), wrapped; optimizer
     raw, init_tok, origin = S.build_model(cfg, vocab_size, ckpt)
-    from gptlab.tokenizer import fingerprint
-
-    # The whole tokenizer must match, not just its kind: two trained BPEs (or char tables) give ids
-    # different meanings.
-    if init_tok is not None and fingerprint(init_tok) != fingerprint(tok_spec):
-        kind, theirs = init_tok.spec().get("type"), tok_spec.get("type")
-        how = "the same tokenizer directory" if kind == "bpe" else kind
-        raise ConfigError(f"model.init={cfg.model.init!r} uses a {kind} tokenizer (fingerprint "
-                          f"{fingerprint(init_tok)[:12]}) but {data_dir} was prepared with a different {theirs} one "
-                          f"({fingerprint(tok_spec)[:12]}): prepare the data with --tokenizer {how}")
+    S.check_data_pairing(cfg, manifest, data_dir, init_tok, resume_meta)
     if cfg.seq_len > raw.config.block_size:
         raise ConfigError(f"batch.seq_len={cfg.seq_len} exceeds the model's context ({raw.config.block_size})")
     raw.to(device)
@@ -284,7 +296,7 @@ def build(cfg: TrainConfig, info: gdist.DistInfo, device: torch.device) -> Train
 
     # ---- run dir, logger, banner
     if info.is_main:
-        S.write_run_dir(cfg, run_dir, progress.step, ckpt is not None, raw.config, data_dir, tok_spec)
+        S.write_run_dir(cfg, run_dir, progress.step, ckpt is not None, raw.config, data_dir, tok_spec, protect=ckpt)
     logger = MetricsLogger(run_dir, enabled=info.is_main, wandb=cfg.logging.wandb,
                            wandb_project=cfg.logging.wandb_project, wandb_run_name=cfg.logging.wandb_run_name,
                            tensorboard=cfg.logging.tensorboard, config=to_dict(cfg))
@@ -296,18 +308,30 @@ def build(cfg: TrainConfig, info: gdist.DistInfo, device: torch.device) -> Train
     return Trainer(cfg=cfg, info=info, parallel=parallel, device=device, dtype=dtype, run_dir=run_dir, raw_model=raw,
                    model=model, optimizer=optimizer, scaler=scaler, train_data=train_data, grad_accum=grad_accum,
                    evals=evals, eval_ctx=eval_ctx, state=state, progress=progress, logger=logger,
-                   stop=StopFlag(), t_start=t_start)
+                   stop=stop, t_start=t_start)
 
 
-def train(cfg: TrainConfig) -> dict[str, Any]:
-    """Run training as ``cfg`` says; returns a summary dict. Raises :class:`TrainingDiverged` on NaN/Inf."""
-    info, device = gdist.init_distributed(cfg.system.device)
+def train(cfg: TrainConfig, stop: StopFlag | None = None) -> dict[str, Any]:
+    """Run training as ``cfg`` says; returns a summary dict. Raises :class:`TrainingDiverged` on NaN/Inf.
+
+    ``stop`` is a :class:`StopFlag` the caller installed earlier (``gptlab train`` does, before importing
+    torch); a signal before the first step then ends the run cleanly with nothing to save.
+    """
+    stop = stop or StopFlag()
+    stop.install()
+    held: list = []  # rank 0's run-dir lock
     try:
-        trainer = build(cfg, info, device)
+        info, device = gdist.init_distributed(cfg.system.device)
         try:
-            summary = trainer.fit()
+            trainer = build(cfg, info, device, stop, held)
+            try:
+                summary = trainer.fit()
+            finally:
+                trainer.logger.close()
+            return {**summary, "run_dir": str(trainer.run_dir)}
         finally:
-            trainer.logger.close()
-        return {**summary, "run_dir": str(trainer.run_dir)}
+            gdist.destroy()
     finally:
-        gdist.destroy()
+        for lock in held:
+            lock.release()
+        stop.uninstall()

@@ -27,9 +27,11 @@ FLAGS: list[tuple[str, str, dict]] = [
                                      "*_val_* names, or --data.val GLOB)")),
     ("--out", "out_dir", dict(help="run directory (default: runs/<config name>)")),
     ("--max-steps", "schedule.max_steps", dict(type=int, help="optimizer steps to run")),
-    ("--resume", "resume", dict(choices=["auto", "never"],
-                                help="auto: continue from the newest complete checkpoint in --out; never: start "
-                                     "over there (default: refuse to touch a run dir that already has progress)")),
+    ("--resume", "resume", dict(metavar="auto|never|STEP",
+                                help="auto: continue from the newest checkpoint in --out that verifies (start fresh "
+                                     "when there is none); STEP: from that step's checkpoint; never: start over "
+                                     "there, removing only gptlab's files (default: refuse to touch a run dir that "
+                                     "already has progress)")),
     ("--init", "model.init", dict(help="start from weights: " + SRC_HELP)),
     ("--micro-batch", "batch.micro_batch", dict(type=int, help="sequences per forward/backward on each rank")),
     ("--batch-tokens", "batch.batch_tokens", dict(type=int, help="tokens per optimizer step, all ranks and micro-steps")),
@@ -47,12 +49,17 @@ def register(sub: argparse._SubParsersAction) -> None:
                                "set with --section.key=value, e.g. --model.n_layer=6 --optim.lr=1e-3.")
     p.add_argument("--config", default=None, help=f"recipe name ({', '.join(_recipe_names())}) or a TOML file")
     for name, key, kw in FLAGS:
-        p.add_argument(name, dest=key, default=None, metavar=None if "choices" in kw else name[2:].upper().replace("-", "_"),
-                       **{**kw, "help": f"{kw['help']} [{key}]"})
+        metavar = kw.get("metavar", None if "choices" in kw else name[2:].upper().replace("-", "_"))
+        p.add_argument(name, dest=key, default=None, **{**kw, "metavar": metavar, "help": f"{kw['help']} [{key}]"})
     json_arg(p)
 
 
 def run(args: argparse.Namespace) -> int:
+    # Before anything heavy is imported: a SIGTERM / Ctrl-C during start-up then stops the run cleanly.
+    from gptlab.trainer.signals import StopFlag
+
+    stop = StopFlag()
+    stop.install()
     from gptlab import dist as gdist
     from gptlab.config import resolve_train_config
     from gptlab.errors import GptlabError
@@ -61,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     flags = {key: getattr(args, key, None) for _, key, _ in FLAGS}
     cfg = resolve_train_config(args.config, flags, getattr(args, "overrides", []))
     try:
-        summary = train(cfg)
+        summary = train(cfg, stop=stop)
     except GptlabError as e:
         if "--input " not in str(e):
             raise

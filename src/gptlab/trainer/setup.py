@@ -23,6 +23,7 @@ from gptlab.errors import GptlabError
 from gptlab.metrics import read_metrics
 from gptlab.model import GPT
 from gptlab.runtime import git_sha  # noqa: F401  (re-exported: the run banner and meta use it)
+from gptlab.trainer.signals import StopFlag  # noqa: F401  (re-exported)
 
 
 class ResumeError(GptlabError):
@@ -44,31 +45,6 @@ def set_precision(cfg: TrainConfig, device: torch.device) -> None:
             torch.backends.cudnn.allow_tf32 = True
 
 
-class StopFlag:
-    """Set by SIGTERM / SIGINT: finish the current step, checkpoint, exit 0. A second signal aborts."""
-
-    def __init__(self) -> None:
-        self.reason: str | None = None
-        self._previous: dict[int, Any] = {}
-
-    def install(self) -> None:
-        import threading
-
-        if threading.current_thread() is not threading.main_thread():
-            return  # signal handlers can only be installed from the main thread
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self._previous[sig] = signal.signal(sig, self._handle)
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.reason is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.reason = signal.Signals(signum).name
-        print(f"\n{self.reason}: stopping after this step (checkpoint, then exit)", file=sys.stderr, flush=True)
-
-    def uninstall(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous.clear()
 
 def versions() -> dict[str, str]:
     from gptlab import __version__
@@ -88,7 +64,11 @@ def on_main(fn: Any, *args: Any) -> Any:
             error = (type(e).__name__, str(e))
     result, error = gdist.broadcast_object((result, error))
     if error is not None:
-        cls = {c.__name__: c for c in (ResumeError, ConfigError)}.get(error[0], GptlabError)
+        from gptlab.checkpoint import CheckpointError
+        from gptlab.fsio import DiskError, LockError
+
+        known = (ResumeError, ConfigError, LockError, CheckpointError, DiskError)
+        cls = {c.__name__: c for c in known}.get(error[0], GptlabError)
         raise cls(error[1])
     return result
 
@@ -187,43 +167,119 @@ def check_resume_compatible(cfg: TrainConfig, meta: dict[str, Any], world_size: 
                           f"follow ({'; '.join(diffs)}); use the original values or a new --out")
 
 
+RUN_FILES = ("config.json", "tokenizer.json", "metrics.jsonl", "samples.txt")
+
+
+def is_run_dir(d: Path) -> bool:
+    """A directory ``train --out`` may use: empty, or holding a gptlab run (its config, metrics or checkpoints)."""
+    if not any(d.iterdir()):
+        return True
+    if (d / "metrics.jsonl").is_file() or list((d / "checkpoints").glob("step_*")):
+        return True
+    try:
+        cfg = json.loads((d / "config.json").read_text(encoding="utf-8"))
+        return isinstance(cfg, dict) and {"model", "optim", "batch"} <= set(cfg) and "model_type" not in cfg
+    except (OSError, ValueError):
+        return False
+
+
+def open_run_dir(cfg: TrainConfig) -> tuple[Path, Any]:
+    """Rank 0: the checked ``--out`` (not ``/``, home, or someone else's files) and its lock, held by this run."""
+    from gptlab.fsio import DirLock, guard_out_dir
+
+    run_dir = guard_out_dir(cfg.out_dir or Path("runs") / cfg.name, "--out", is_run_dir, "run")
+    return run_dir, DirLock(run_dir, "run directory").acquire()
+
+
 def decide_resume(cfg: TrainConfig, run_dir: Path) -> Path | None:
-    """The checkpoint to resume from (None: start at step 0), following ``cfg.resume``."""
+    """The checkpoint to resume from (None: start at step 0), following ``cfg.resume``: the newest
+    checkpoint that verifies (``auto``; a damaged newer one is skipped with a warning), the one of step
+    ``N`` (``resume = "N"``), none (``never``); with no flag, a run dir that has progress is refused."""
+    from gptlab.checkpoint import load_newest, verify_checkpoint
+
     train_records = [r for r in read_metrics(run_dir / "metrics.jsonl") if r.get("kind") == "train"]
     last_logged = max((int(r["step"]) for r in train_records), default=0)
-    ckpt = latest_checkpoint(run_dir)
     if cfg.resume == "never":
         return None
-    if cfg.resume == "auto":
-        if ckpt is not None:
-            return ckpt
-        if last_logged:
-            raise ResumeError(f"{run_dir}: --resume auto, but no complete checkpoint while metrics.jsonl shows "
-                              f"progress up to step {last_logged}; refusing to restart it from step 0 (use "
-                              f"--resume never to start over, or another --out)")
-        gdist.print0(f"resume: no checkpoint in {run_dir}; starting from step 0")
+    if cfg.resume == "auto" or cfg.resume.isdigit():
+        step = int(cfg.resume) if cfg.resume.isdigit() else None
+        found = load_newest(run_dir, verify_checkpoint, step=step, warn=lambda m: gdist.print0(f"warning: {m}"))
+        if found is not None:
+            return found[0]
+        lost = f"; metrics.jsonl's records up to step {last_logged} are dropped" if last_logged else ""
+        gdist.print0(f"resume: no complete checkpoint in {run_dir}; starting fresh from step 0{lost}")
         return None
+    ckpt = latest_checkpoint(run_dir)
     if ckpt is not None or last_logged:
         raise ResumeError(f"{run_dir}: already holds a run (step {last_logged or ckpt.name}); pass --resume auto "
                           f"to continue it, --resume never to start over there, or another --out")
     return None
 
 
+def clear_run(run_dir: Path) -> None:
+    """``--resume never``: remove what gptlab wrote in ``run_dir`` (metrics, samples, checkpoints), nothing else."""
+    import shutil
+
+    for f in ("metrics.jsonl", "samples.txt"):
+        (run_dir / f).unlink(missing_ok=True)
+    root = run_dir / "checkpoints"
+    if root.is_dir():
+        for d in root.iterdir():
+            if d.is_dir() and (d.name.startswith("step_") or d.name.startswith((".tmp-", ".old-", ".del-"))):
+                shutil.rmtree(d, ignore_errors=True)
+        if not any(root.iterdir()):
+            root.rmdir()
+
+
+def check_data_pairing(cfg: TrainConfig, manifest: dict[str, Any], data_dir: Path, init_tok: Any | None,
+                       resume_meta: dict[str, Any] | None) -> None:
+    """The model's tokenizer (``model.init``'s, or the resumed run's) must be the data's: same fingerprint."""
+    from gptlab.tokenizer import fingerprint
+
+    data_fp = manifest.get("tokenizer_fingerprint") or fingerprint(manifest["tokenizer"])
+    kind = manifest["tokenizer"].get("type")
+    # The whole tokenizer must match, not just its kind: two trained BPEs (or char tables) give ids
+    # different meanings.
+    if init_tok is not None and fingerprint(init_tok) != data_fp:
+        theirs = init_tok.spec().get("type")
+        how = "the same tokenizer directory" if theirs == "bpe" else theirs
+        raise ConfigError(f"model.init={cfg.model.init!r} uses a {theirs} tokenizer (fingerprint "
+                          f"{fingerprint(init_tok)[:12]}) but {data_dir} was prepared with a different {kind} one "
+                          f"({data_fp[:12]}; fingerprints differ: the ids would mean other tokens); prepare the "
+                          f"data with --tokenizer {how}")
+    spec = (resume_meta or {}).get("tokenizer")
+    if isinstance(spec, dict) and fingerprint(spec) != data_fp:
+        raise ResumeError(f"{data_dir}: prepared with a different {kind} tokenizer than the run being resumed "
+                          f"(fingerprints differ); resume with the run's data, or start a new --out")
+
+
+def schedule_note(cfg: TrainConfig, meta: dict[str, Any]) -> str | None:
+    """A warning when the resumed run's ``max_steps`` differs: the lr schedule (warmup/decay) changes."""
+    from gptlab.optim import lr_factor
+
+    old = meta.get("config", {}).get("schedule", {}).get("max_steps")
+    new, step = cfg.schedule.max_steps, int(meta.get("step", 0))
+    if old is None or old == new:
+        return None
+    a, b = (cfg.optim.lr * lr_factor(step, cfg.optim, m) for m in (old, new))
+    return (f"warning: resuming with max_steps {new} where the run had {old}: the learning-rate schedule "
+            f"changes (lr at step {step + 1}: {a:.3g} -> {b:.3g}); use --max-steps {old} to keep it")
+
 
 def write_run_dir(cfg: TrainConfig, run_dir: Path, start_step: int, resumed: bool, model_config: ModelConfig,
-                  data_dir: Path, tok_spec: dict[str, Any]) -> None:
+                  data_dir: Path, tok_spec: dict[str, Any], protect: Path | None = None) -> None:
     """Rank 0: make the run dir; start over (``--resume never``) or cut metrics and samples written after
     the resumed step; write the resolved ``config.json`` and ``tokenizer.json``."""
     from gptlab.evals.samples import truncate_samples
     from gptlab.metrics import truncate_metrics
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if cfg.resume == "never" and not resumed:
-        for f in ("metrics.jsonl", "samples.txt"):
-            (run_dir / f).unlink(missing_ok=True)
-        import shutil
+    from gptlab.checkpoint import prune_checkpoints
 
-        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not resumed:
+        clear_run(run_dir)  # --resume never, or auto with nothing to resume: only gptlab's own files go
+    # Leftovers of a killed save or prune, and a checkpoint beyond keep_last from a kill before pruning.
+    prune_checkpoints(run_dir, cfg.checkpoint.keep_last, cfg.checkpoint.keep_best, protect=protect)
     truncate_metrics(run_dir / "metrics.jsonl", start_step)
     truncate_samples(run_dir / "samples.txt", start_step)
     resolved = to_dict(cfg)
