@@ -420,7 +420,7 @@ def test_prepare_verify_checks_manifestless_shards(llmc_data, capsys):
     bad[3] = 60000  # not a GPT-2 token
     write_llmc_shard(d / "fineweb_train_000003.bin", bad)
     assert main(["prepare", "--verify", str(d)]) == 1
-    assert "fineweb_train_000003.bin: token 60000 at position 3" in capsys.readouterr().err
+    assert "fineweb_train_000003.bin: token 60000 at token offset 3" in capsys.readouterr().err
     (d / "fineweb_train_000003.bin").write_bytes((d / "fineweb_train_000001.bin").read_bytes()[:-2])
     assert main(["prepare", "--verify", str(d)]) == 1
     assert "fineweb_train_000003.bin: shard truncated" in capsys.readouterr().err
