@@ -776,3 +776,23 @@ def test_d14_train_init_refuses_a_model_with_another_tokenizer(chars, tmp_path):
         train(cfg(other, tmp_path / "b", f"--model.init={run}", max_steps=2))
     with pytest.raises(GptlabError, match="fingerprints differ"):
         train(cfg(other, run, max_steps=4, resume="auto"))
+
+
+@pytest.mark.parametrize("point,nth", [("checkpoint_renamed", 2), ("checkpoint_pruning", 1), ("file_write", 7)])
+def test_d8_training_killed_while_saving_or_pruning_resumes_exactly(chars, tmp_path, point, nth):
+    """SIGKILL between a checkpoint's rename and its COMPLETE, in the middle of pruning, or mid-write; the
+    restarted run (--resume auto) ends with the weights of an uninterrupted one and no leftovers."""
+    from gptlab.train import train
+
+    ref = tmp_path / "ref"
+    train(cfg(chars, ref, "--checkpoint.keep_last=1", max_steps=8))
+    run = tmp_path / "r"
+    args = ["train", "--data", str(chars), "--out", str(run), "--max-steps", "8", "--checkpoint.keep_last=1", *TINY]
+    r = run_killed(point, nth, args)
+    COUNTS["kills_tried"] += 1
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    train(cfg(chars, run, "--checkpoint.keep_last=1", max_steps=8, resume="auto"))
+    a, b = weights(ref), weights(run)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000008"]
+    COUNTS["kills_survived"] += 1
