@@ -233,7 +233,7 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> str:
 
 def lock_path(directory: str | os.PathLike) -> Path:
     """The lock file of ``directory``: beside it, so it survives the directory being swapped or removed."""
-    d = Path(directory).expanduser().absolute()
+    d = Path(directory).expanduser().resolve()  # one lock whatever path (., .., a symlink) names the directory
     return d.parent / f".{d.name}.gptlab-lock"
 
 

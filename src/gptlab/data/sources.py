@@ -19,7 +19,6 @@ import io
 import itertools
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -357,25 +356,23 @@ def _http_get(url: str, timeout: float = 60.0) -> Iterator[bytes]:
 
 def fetch_url(url: str, dest: Path, sha256: str, *, what: str) -> Path:
     """Download ``url`` to ``dest`` (cached: reused when its SHA-256 matches), checking the SHA-256."""
-    import hashlib
-
     from gptlab.data.shards import file_sha256
 
     if dest.is_file() and file_sha256(dest) == sha256:
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
-    h = hashlib.sha256()
+    from gptlab import fsio
+
+    tmp = fsio.temp_name(dest, "part")  # honours the umask (a shared cache stays readable), hashes as it writes
     try:
-        with os.fdopen(fd, "wb") as f:
+        with fsio.HashingWriter(tmp, display=dest) as f:
             for chunk in _http_get(url):
-                h.update(chunk)
                 f.write(chunk)
-        if h.hexdigest() != sha256:
-            raise SourceError(f"{what}: download from {url} has sha256 {h.hexdigest()}, expected {sha256}; "
+        if f.hexdigest() != sha256:
+            raise SourceError(f"{what}: download from {url} has sha256 {f.hexdigest()}, expected {sha256}; "
                               f"try again, or pass a verified copy with --input PATH")
         os.replace(tmp, dest)
-    except SourceError:
+    except (SourceError, fsio.DiskError):
         Path(tmp).unlink(missing_ok=True)
         raise
     except Exception as e:

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import platform
-import signal
-import sys
 from pathlib import Path
 from typing import Any
 
