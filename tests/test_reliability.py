@@ -631,9 +631,13 @@ def chars(tmp_path_factory) -> Path:
 
 
 def cfg(data: Path, out: Path, *extra: str, **flags):
+    """A train config; ``flags`` by ``gptlab train`` flag name (max_steps=3 is --max-steps 3)."""
+    from gptlab.commands.train import FLAGS
     from gptlab.config import resolve_train_config
 
-    return resolve_train_config(None, {"data": str(data), "out": str(out), **flags}, [*TINY, *extra])
+    key = {name[2:].replace("-", "_"): k for name, k, _ in FLAGS}
+    settings = {key[k]: v for k, v in {"data": str(data), "out": str(out), **flags}.items()}
+    return resolve_train_config(None, settings, [*TINY, *extra])
 
 
 def weights(run: Path) -> dict[str, torch.Tensor]:
