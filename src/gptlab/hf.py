@@ -29,23 +29,43 @@ ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "qwen3"
 # --------------------------------------------------------------------------- export
 
 
+def _chat_tokenizer_config(tok) -> dict[str, Any]:
+    """For a tokenizer with the chat template's turn tokens: those tokens as HF added tokens (special:
+    never split, skipped by ``skip_special_tokens``) and the template as Jinja, so transformers'
+    ``apply_chat_template`` gives gptlab's ids. Empty for other tokenizers."""
+    from gptlab.chat import ChatTemplate, has_chat_tokens
+    from gptlab.tokenizer import special_tokens
+
+    if not has_chat_tokens(tok):
+        return {}
+    added = {str(i): {"content": name, "lstrip": False, "rstrip": False, "normalized": False,
+                      "single_word": False, "special": True}
+             for name, i in sorted(special_tokens(tok).items(), key=lambda kv: kv[1])}
+    return {"added_tokens_decoder": added, "chat_template": ChatTemplate.for_tokenizer(tok).jinja()}
+
+
 def _char_tokenizer_files(tok, out: Path, block_size: int) -> None:
     """A ``tokenizers`` WordLevel tokenizer that splits text into characters: HF reads it as-is."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    from gptlab.tokenizer import special_tokens
 
     vocab = {c: i for i, c in enumerate(tok.chars)}
     # No [UNK] in the vocabulary: an unknown character must fail loudly, as in gptlab.
     hft = Tokenizer(models.WordLevel(vocab=vocab, unk_token=None))
     hft.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     hft.decoder = decoders.Fuse()  # join characters without the default spaces
+    # Chat turn tokens follow the characters, in id order (they take the next free ids).
+    hft.add_special_tokens([AddedToken(name, special=True, normalized=False)
+                            for name, _ in sorted(special_tokens(tok).items(), key=lambda kv: kv[1])])
     hft.save(str(out / "tokenizer.json"))
     (out / "tokenizer_config.json").write_text(json.dumps(
         {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": block_size,
-         "clean_up_tokenization_spaces": False}, indent=2) + "\n")
+         "clean_up_tokenization_spaces": False, **_chat_tokenizer_config(tok)}, indent=2) + "\n")
     (out / "special_tokens_map.json").write_text("{}\n")
 
 
-def _gpt2_tokenizer_files(out: Path, block_size: int) -> None:
+def _gpt2_tokenizer_files(out: Path, block_size: int, tok=None) -> None:
     from gptlab.tokenizer import EOT_TEXT, gpt2_encoding, gpt2_vocab_files
 
     gpt2_encoding()  # verifies the files' SHA-256 before we copy them
@@ -56,7 +76,7 @@ def _gpt2_tokenizer_files(out: Path, block_size: int) -> None:
     special = {"bos_token": EOT_TEXT, "eos_token": EOT_TEXT, "unk_token": EOT_TEXT}
     (out / "tokenizer_config.json").write_text(json.dumps(
         {"tokenizer_class": "GPT2Tokenizer", "model_max_length": block_size, "add_prefix_space": False,
-         "clean_up_tokenization_spaces": False, **special}, indent=2) + "\n")
+         "clean_up_tokenization_spaces": False, **special, **_chat_tokenizer_config(tok)}, indent=2) + "\n")
     (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
 
 
@@ -133,13 +153,19 @@ def _write_export(model, tokenizer, config: ModelConfig, tmp: Path) -> dict[str,
     fsio.write_file(tmp / "model.safetensors", st_save(hf_state, metadata={"format": "pt"}))
     if tokenizer is not None:
         if isinstance(tokenizer, GPT2Tokenizer):
-            _gpt2_tokenizer_files(tmp, config.block_size)
+            _gpt2_tokenizer_files(tmp, config.block_size, tokenizer)
         elif getattr(tokenizer, "name", None) == "char":
             _char_tokenizer_files(tokenizer, tmp, config.block_size)
         elif getattr(tokenizer, "name", None) == "bpe":
             from gptlab.tokenizer import write_hf_tokenizer
 
             write_hf_tokenizer(tokenizer, tmp, model_max_length=config.block_size)
+            chat = _chat_tokenizer_config(tokenizer)
+            if chat:  # its turn tokens are already added tokens of tokenizer.json: only the template is new
+                cfg_path = tmp / "tokenizer_config.json"
+                cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+                cfg_path.write_text(json.dumps({**cfg, "chat_template": chat["chat_template"]}, indent=2) + "\n",
+                                    encoding="utf-8")
         save_tokenizer(tokenizer, tmp / GPTLAB_TOKENIZER_FILE)
     marker = {"format": "gptlab-export", "files": sorted(p.name for p in tmp.iterdir()) + [EXPORT_MARKER],
               "tokenizer_fingerprint": fingerprint(tokenizer) if tokenizer is not None else None}

@@ -29,6 +29,11 @@ from gptlab.errors import GptlabError
 EOT_TEXT = "<|endoftext|>"
 GPT2_EOT_ID = 50256
 GPT2_VOCAB_SIZE = 50257
+# The chat template's turn delimiters (gptlab.chat). A trained tokenizer reserves them by these names;
+# GPT-2 and char tokenizers get them appended after their vocabulary with ``chat=True`` in the spec
+# (for GPT-2: ids 50257..50262, inside the rows a model padded to 50304 already has).
+CHAT_TOKENS = ("<|system_start|>", "<|system_end|>", "<|user_start|>", "<|user_end|>",
+               "<|assistant_start|>", "<|assistant_end|>")
 
 # tiktoken's own pins for the "gpt2" encoding files (tiktoken_ext/openai_public.py).
 GPT2_VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
@@ -68,6 +73,14 @@ class Tokenizer(Protocol):
     def decode(self, ids: Iterable[int]) -> str: ...
 
     def spec(self) -> dict[str, Any]: ...
+
+
+def special_tokens(tok: Any) -> dict[str, int]:
+    """A tokenizer's special tokens by name (``{}`` when it has none); a tokenizer may define ``special_tokens``."""
+    table = getattr(tok, "special_tokens", None)
+    if table is None and hasattr(tok, "enc"):  # any tiktoken-backed tokenizer
+        table = getattr(tok.enc, "_special_tokens", None)
+    return dict(table or {})
 
 
 def _sha256(path: Path) -> str:
@@ -121,21 +134,38 @@ def gpt2_encoding():
     )
 
 
+@functools.lru_cache(maxsize=1)
+def gpt2_chat_encoding():
+    """GPT-2's encoding plus :data:`CHAT_TOKENS` as special tokens 50257..50262."""
+    import tiktoken
+
+    base = gpt2_encoding()
+    chat = {t: GPT2_VOCAB_SIZE + i for i, t in enumerate(CHAT_TOKENS)}
+    return tiktoken.Encoding(name="gpt2-chat", explicit_n_vocab=GPT2_VOCAB_SIZE + len(CHAT_TOKENS),
+                             pat_str=base._pat_str, mergeable_ranks=base._mergeable_ranks,
+                             special_tokens={**base._special_tokens, **chat})
+
+
 class GPT2Tokenizer:
-    """OpenAI's GPT-2 byte-level BPE (50,257 tokens, ``<|endoftext|>`` = 50256)."""
+    """OpenAI's GPT-2 byte-level BPE (50,257 tokens, ``<|endoftext|>`` = 50256).
+
+    ``chat=True`` appends the chat template's turn tokens as ids 50257..50262 (vocab 50,263).
+    """
 
     name = "gpt2"
-    vocab_size = GPT2_VOCAB_SIZE
     eot_id: int | None = GPT2_EOT_ID
 
-    def __init__(self) -> None:
-        self.enc = gpt2_encoding()
+    def __init__(self, chat: bool = False) -> None:
+        self.chat = bool(chat)
+        self.enc = gpt2_chat_encoding() if self.chat else gpt2_encoding()
+        self.vocab_size = self.enc.n_vocab
+        self.special_tokens = dict(self.enc._special_tokens)
 
     def encode(self, text: str, *, allow_special: bool = False) -> list[int]:
         # disallowed_special=() makes a literal "<|endoftext|>" in corpus text ordinary text
-        # instead of tiktoken's default of raising; only callers that ask get the special token.
+        # instead of tiktoken's default of raising; only callers that ask get the special tokens.
         if allow_special:
-            return self.enc.encode(text, allowed_special={EOT_TEXT}, disallowed_special=())
+            return self.enc.encode(text, allowed_special="all", disallowed_special=())
         return self.enc.encode_ordinary(text)
 
     def encode_batch(self, texts: Sequence[str], *, num_threads: int = 1) -> list[list[int]]:
@@ -148,25 +178,29 @@ class GPT2Tokenizer:
         return self.enc.decode_bytes([int(i) for i in ids])
 
     def spec(self) -> dict[str, Any]:
-        return {"type": "gpt2"}
+        return {"type": "gpt2", "chat": True} if self.chat else {"type": "gpt2"}
 
 
 class CharTokenizer:
     """Character-level tokenizer whose vocabulary is the sorted set of a corpus's characters.
 
     There is no end-of-text token (``eot_id`` is None), as in nanoGPT's shakespeare_char.
+    ``chat=True`` appends the chat template's turn tokens after the characters.
     """
 
     name = "char"
     eot_id: int | None = None
 
-    def __init__(self, chars: Sequence[str]) -> None:
+    def __init__(self, chars: Sequence[str], chat: bool = False) -> None:
         chars = list(chars)
         if not chars or len(set(chars)) != len(chars) or any(len(c) != 1 for c in chars):
             raise TokenizerError("char tokenizer vocabulary must be a non-empty list of distinct single characters")
         self.chars = chars
         self.stoi = {c: i for i, c in enumerate(chars)}
-        self.vocab_size = len(chars)
+        self.chat = bool(chat)
+        self.special_tokens = {t: len(chars) + i for i, t in enumerate(CHAT_TOKENS)} if self.chat else {}
+        self._names = chars + (list(CHAT_TOKENS) if self.chat else [])
+        self.vocab_size = len(self._names)
 
     @classmethod
     def from_text(cls, text: str) -> "CharTokenizer":
@@ -184,10 +218,10 @@ class CharTokenizer:
         return [self.encode(t) for t in texts]
 
     def decode(self, ids: Iterable[int]) -> str:
-        return "".join(self.chars[int(i)] for i in ids)
+        return "".join(self._names[int(i)] for i in ids)
 
     def spec(self) -> dict[str, Any]:
-        return {"type": "char", "chars": self.chars}
+        return {"type": "char", "chars": self.chars, **({"chat": True} if self.chat else {})}
 
 
 def ranks_to_text(ranks: dict[bytes, int]) -> str:
@@ -320,9 +354,9 @@ def from_spec(spec: dict[str, Any], search: Sequence[str | os.PathLike] = ()) ->
     """
     kind = spec.get("type") if isinstance(spec, dict) else None
     if kind == "gpt2":
-        return GPT2Tokenizer()
+        return GPT2Tokenizer(chat=bool(spec.get("chat")))
     if kind == "char":
-        return CharTokenizer(spec.get("chars") or [])
+        return CharTokenizer(spec.get("chars") or [], chat=bool(spec.get("chat")))
     if kind == "bpe":
         return _bpe_from_spec(spec, search)
     short = spec if not isinstance(spec, dict) else {k: v for k, v in spec.items() if k in ("type", "name")}

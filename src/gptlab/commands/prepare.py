@@ -9,7 +9,8 @@ import sys
 from gptlab.commands import add_parser, json_arg
 
 DATASETS_HELP = ("dataset: shakespeare_char, shakespeare, tinystories, openwebtext, fineweb_edu_10b, "
-                 "fineweb_edu_100b, fineweb_10b, pydocs, text, jsonl")
+                 "fineweb_edu_100b, fineweb_10b, pydocs, text, jsonl; chat (conversations, --input FILE.jsonl) "
+                 "and smoltalk are rendered with the chat template into masked rows")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -24,7 +25,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--val-fraction", type=float, default=None, help="fraction of the corpus held out for validation")
     p.add_argument("--field", default="text", help="jsonl: the field holding the text")
     p.add_argument("--tokenizer", default=None,
-                   help="gpt2, char, or a directory made by gptlab tokenizer train (default: the dataset's own)")
+                   help="gpt2, char, or a directory made by gptlab tokenizer train (default: the dataset's own); "
+                        "chat data: also the base model's run dir")
+    p.add_argument("--seq-len", type=int, default=None,
+                   help="chat data: tokens per packed row (= the training batch.seq_len; default 1024)")
     p.add_argument("--max-docs", type=int, default=None, help="stop after this many documents")
     p.add_argument("--layout", default="gptlab", choices=["gptlab", "llmc"],
                    help="shakespeare only: llmc = llm.c's token stream and split (an <|endoftext|> before each "
@@ -61,8 +65,7 @@ def run(args: argparse.Namespace) -> int:
     res = prepare_dataset(args.name, input=args.input, out=args.out, workers=args.workers,
                           shard_tokens=args.shard_tokens, val_fraction=args.val_fraction, field=args.field,
                           tokenizer=args.tokenizer, max_docs=args.max_docs, overwrite=args.overwrite,
-                          layout=args.layout,
-                          progress=not as_json or sys.stderr.isatty())
+                          layout=args.layout, progress=not as_json or sys.stderr.isatty(), seq_len=args.seq_len)
     for w in res["warnings"]:
         print(f"gptlab prepare: warning: {w}", file=sys.stderr)
     if as_json:

@@ -11,6 +11,11 @@ batch is skipped and the next epoch begins. Without shuffling this is build-nano
 ``DataLoaderLite`` order; the validation split is always read in order (the same tokens on every
 evaluation after :meth:`TokenLoader.reset`).
 
+A chat dataset (``gptlab prepare chat``) carries a loss mask per shard and packs one row per
+``seq_len`` tokens, so sequence ``s`` is exactly row ``s``; targets whose mask is 0 (prompts, user turns,
+padding, the start of the next row) come out as ``IGNORE_INDEX`` (-1), which the model's loss skips.
+The loader's ``seq_len`` must then equal the rows' length.
+
 The whole state is ``(epoch, position)``, the same on every rank: :meth:`state_dict` is a tiny JSON
 dict, and a restored loader yields exactly the batches the original would have yielded next. The
 position counts sequences, so it stays meaningful when a run resumes with another world size.
@@ -109,6 +114,15 @@ class TokenLoader:
                               f"world_size {self.world_size}); lower batch_size or seq_len, or prepare more data")
         self.vocab_size: int | None = int(self.manifest["vocab_size"]) if self.manifest else None
         self.eot_id: int | None = self.manifest.get("eot_id") if self.manifest else None
+        chat = (self.manifest or {}).get("chat")
+        self.mask_paths: list[Path] | None = None
+        if chat:
+            if int(chat.get("seq_len", 0)) != self.T:
+                raise LoaderError(f"{self._desc}: chat rows were packed {chat.get('seq_len')} tokens long but seq_len "
+                                  f"is {self.T}; set batch.seq_len={chat.get('seq_len')} or prepare the data again "
+                                  f"with --seq-len {self.T}")
+            entries = [s for s in self.manifest["shards"] if s["split"] == split]
+            self.mask_paths = [Path(data_dir) / s["mask"] for s in entries]
         self._mmaps: collections.OrderedDict[int, np.ndarray] = collections.OrderedDict()
         self._perms: collections.OrderedDict[tuple[int, int], np.ndarray] = collections.OrderedDict()
         self._plan_epoch = -1
@@ -147,6 +161,19 @@ class TokenLoader:
                 self._perms.popitem(last=False)
         return p
 
+    def _targets(self, shard: int) -> np.ndarray:
+        """Chat data: the shard's tokens with every token whose mask is 0 replaced by -1 (int64)."""
+        key = -1 - shard  # shares the bounded cache with the token maps
+        t = self._mmaps.get(key)
+        if t is None:
+            toks = self._tokens(shard)
+            mask = S.read_mask(self.mask_paths[shard], toks.size)  # type: ignore[index]
+            t = np.where(np.asarray(mask) == 1, np.asarray(toks, dtype=np.int64), np.int64(-1))
+            self._mmaps[key] = t
+            while len(self._mmaps) > 8:
+                self._mmaps.popitem(last=False)
+        return t
+
     def _tokens(self, shard: int) -> np.ndarray:
         mm = self._mmaps.get(shard)
         if mm is None:
@@ -158,8 +185,9 @@ class TokenLoader:
             self._mmaps.move_to_end(shard)
         return mm
 
-    def _read(self, start: int) -> np.ndarray:
-        """Sequences ``[start, start + B)`` of the current epoch's order as a (B, T+1) array."""
+    def _read(self, start: int, targets: bool = False) -> np.ndarray:
+        """Sequences ``[start, start + B)`` of the current epoch's order as a (B, T+1) array (``targets``:
+        from :meth:`_targets`)."""
         B, T = self.B, self.T
         order, cum = self._plan()
         g = np.arange(start, start + B)
@@ -171,7 +199,7 @@ class TokenLoader:
             local = g[rows] - cum[kk]
             if self.shuffle:
                 local = self._perm(shard)[local]
-            toks = self._tokens(shard)
+            toks = self._targets(shard) if targets else self._tokens(shard)
             if not self.shuffle:  # consecutive sequences: one contiguous read, rows overlap by one token
                 a = int(local[0]) * T
                 flat = np.asarray(toks[a:a + len(rows) * T + 1], dtype=np.int64)
@@ -199,13 +227,19 @@ class TokenLoader:
         if self.position + need > self.num_sequences:
             self.epoch += 1
             self.position = 0
-        buf = torch.from_numpy(self._read(self.position + self.rank * self.B))  # (B, T+1)
+        start = self.position + self.rank * self.B
+        arr = self._read(start)  # (B, T+1)
+        if self.mask_paths is not None:  # inputs are the tokens, targets the masked tokens
+            arr = np.concatenate([arr[:, :-1], self._read(start, targets=True)[:, 1:]], axis=1)  # (B, 2T)
+        buf = torch.from_numpy(arr)
         self.position += need
         if self.device.type == "cuda":
             # Page-locked host memory lets the copy run asynchronously with the compute already queued.
             buf = buf.pin_memory().to(self.device, non_blocking=True)
         elif self.device.type != "cpu":
             buf = buf.to(self.device)
+        if self.mask_paths is not None:
+            return buf[:, :self.T].contiguous(), buf[:, self.T:].contiguous()
         return buf[:, :-1].contiguous(), buf[:, 1:].contiguous()
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

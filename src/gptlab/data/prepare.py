@@ -320,16 +320,24 @@ def _prepare_llmc_shakespeare(name: str, *, input: str | os.PathLike | None, out
 def prepare_dataset(name: str, *, input: str | os.PathLike | None = None, out: str | os.PathLike | None = None,
                     workers: int = 0, shard_tokens: int = 100_000_000, val_fraction: float | None = None,
                     field: str = "text", tokenizer: str | None = None, max_docs: int | None = None,
-                    overwrite: bool = False, progress: bool = True, layout: str = "gptlab") -> dict[str, Any]:
+                    overwrite: bool = False, progress: bool = True, layout: str = "gptlab",
+                    seq_len: int | None = None) -> dict[str, Any]:
     """Tokenize dataset ``name`` into shards under ``out`` and write ``manifest.json``; return a summary.
 
     ``layout="llmc"`` (``shakespeare`` only) writes llm.c's Tiny Shakespeare stream and split byte for
-    byte instead of nanoGPT's (see :func:`llmc_shakespeare_tokens`).
+    byte instead of nanoGPT's (see :func:`llmc_shakespeare_tokens`). A chat dataset (``chat``,
+    ``smoltalk``) goes to :func:`prepare_chat` (``seq_len``: its row length).
 
     The summary: ``{"dataset", "out", "tokenizer", "vocab_size", "eot_id", "val_rule", "documents",
     "splits": {split: {"tokens", "shards": [file, ...], "documents"}}, "seconds", "tokens_per_s", "workers"}``.
     """
     info = sources.get_dataset(name)
+    if info.layout == "chat":
+        return prepare_chat(name, input=input, out=out, tokenizer=tokenizer, seq_len=seq_len or 1024,
+                            workers=workers, shard_tokens=shard_tokens, val_fraction=val_fraction,
+                            max_docs=max_docs, overwrite=overwrite, progress=progress)
+    if seq_len is not None:
+        raise PrepareError(f"--seq-len applies to chat datasets only, not {name!r}")
     if layout not in ("gptlab", "llmc"):
         raise PrepareError(f"--layout {layout!r}: expected 'gptlab' or 'llmc'")
     if layout == "llmc":
@@ -481,3 +489,185 @@ def _prepare(name: str, info: sources.DatasetInfo, input: str | os.PathLike | No
             "eot_id": tok.eot_id, "val_rule": rule, "documents": ndocs, "splits": splits,
             "seconds": round(seconds, 4), "tokens_per_s": round(total / max(seconds, 1e-9), 1), "workers": workers,
             "warnings": warnings}
+
+
+# ----------------------------------------------------------------------------- chat (SFT) datasets
+
+
+def resolve_tokenizer(arg: str | None) -> Tokenizer:
+    """``--tokenizer`` for chat data: ``gpt2`` (default), a tokenizer spec file, or a directory that holds
+    one (a run dir's ``tokenizer.json``, a prepared dataset's manifest, an export's ``gptlab_tokenizer.json``).
+
+    Chat data must use the tokenizer of the model it will fine-tune, so a char vocabulary is never
+    rebuilt from the conversations: point at the base run instead.
+    """
+    from gptlab.tokenizer import TokenizerError, from_spec, get_tokenizer, load_tokenizer
+
+    if arg in (None, "", "gpt2"):
+        return GPT2Tokenizer()
+    if arg == "char":
+        raise PrepareError("--tokenizer char: a character vocabulary must be the base model's; pass the base run "
+                           "directory (its tokenizer.json) instead")
+    p = Path(arg).expanduser()
+    if p.is_file():
+        return load_tokenizer(p)
+    if p.is_dir():
+        if (p / S.MANIFEST).is_file():
+            return from_spec(S.read_manifest(p)["tokenizer"])
+        for name in ("gptlab_tokenizer.json", "tokenizer.json"):
+            if (p / name).is_file():
+                try:
+                    return load_tokenizer(p / name)
+                except TokenizerError:
+                    continue
+        try:  # a trained tokenizer directory (gptlab tokenizer train), when that exists
+            return get_tokenizer(str(p))
+        except TokenizerError:
+            pass
+        raise PrepareError(f"--tokenizer {arg}: no gptlab tokenizer found in this directory (expected a run dir, "
+                           f"a prepared dataset or a tokenizer directory)")
+    raise PrepareError(f"--tokenizer {arg}: expected gpt2, a tokenizer file or a directory holding one")
+
+
+class _RowWriter:
+    """Collects packed rows of one split and writes token + mask shards of whole rows (plus one pad token:
+    the loader's sequence s is tokens [s*T, s*T + T + 1), so the last row needs a final target)."""
+
+    def __init__(self, out_dir: Path, dataset: str, split: str, rows_per_shard: int, row_len: int,
+                 vocab_size: int, pad_id: int) -> None:
+        self.out_dir, self.dataset, self.split = out_dir, dataset, split
+        self.rows_per_shard, self.T, self.vocab, self.pad_id = rows_per_shard, row_len, vocab_size, pad_id
+        self.ids: list[np.ndarray] = []
+        self.masks: list[np.ndarray] = []
+        self.shards: list[dict[str, Any]] = []
+        self.tokens = 0
+        self.documents = 0
+
+    def add(self, ids: np.ndarray, mask: np.ndarray) -> None:
+        self.ids.append(ids)
+        self.masks.append(mask)
+        if len(self.ids) == self.rows_per_shard:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.ids:
+            return
+        ids = np.concatenate(self.ids + [np.array([self.pad_id])])
+        mask = np.concatenate(self.masks + [np.zeros(1, dtype=np.uint8)])
+        stem = f"{self.dataset}_{self.split}_{len(self.shards):06d}"
+        sha = S.write_shard(self.out_dir / f"{stem}.bin", ids, self.vocab)
+        msha = S.write_mask(self.out_dir / f"{stem}.mask", mask)
+        self.shards.append({"file": f"{stem}.bin", "split": self.split, "tokens": int(ids.size), "sha256": sha,
+                            "mask": f"{stem}.mask", "mask_sha256": msha})
+        self.tokens += int(ids.size)
+        self.ids, self.masks = [], []
+
+
+def prepare_chat(name: str = "chat", *, input: str | os.PathLike | None = None, out: str | os.PathLike | None = None,
+                 tokenizer: str | Tokenizer | None = None, seq_len: int = 1024, workers: int = 0,
+                 shard_tokens: int = 100_000_000, val_fraction: float | None = None, max_docs: int | None = None,
+                 overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Render conversations with the chat template and pack them into rows of ``seq_len`` tokens with a
+    loss mask (see :mod:`gptlab.chat` and :mod:`gptlab.data.shards`); returns a summary like
+    :func:`prepare_dataset`'s plus ``"chat"`` (rows, cropped, dropped, target tokens).
+
+    Every row starts a conversation; packing is best fit within each split, padding is masked, and a
+    conversation longer than a row is cut at the row's end. The first bad record stops everything with
+    ``FILE:LINE: what is wrong`` before anything is written to ``--out``.
+    """
+    from gptlab.chat import TEMPLATE_NAME, BestFitPacker, ChatTemplate, PackStats, with_chat_tokens
+
+    info = sources.get_dataset(name)
+    if info.layout != "chat":
+        raise PrepareError(f"{name}: not a chat dataset (chat datasets: "
+                           f"{', '.join(n for n, d in sources.DATASETS.items() if d.layout == 'chat')})")
+    if seq_len < 2:
+        raise PrepareError(f"--seq-len {seq_len}: must be >= 2")
+    if val_fraction is not None and not 0.0 <= val_fraction < 1.0:
+        raise PrepareError(f"--val-fraction {val_fraction}: must be in [0, 1)")
+    workers = workers or default_workers()
+    t0 = time.perf_counter()
+    base = tokenizer if tokenizer is not None and not isinstance(tokenizer, str) else resolve_tokenizer(tokenizer)
+    tok = with_chat_tokens(base)
+    tmpl = ChatTemplate.for_tokenizer(tok)
+    make, source_info = sources.open_chat_source(info, input=input, max_docs=max_docs)
+    frac = val_fraction if val_fraction is not None else (info.val_fraction or 0.0)
+    rule = "hf_split" if info.val_rule == "hf_split" and input is None and val_fraction is None else "fraction"
+
+    # Pull the first conversation before creating --out: a missing file or a bad first line fails
+    # with nothing written. Later bad lines stop the run before the manifest: no dataset claims to exist.
+    stream = make()
+    head = next(stream, None)
+    if head is None:
+        raise PrepareError(f"{name}: no conversations in the input")
+    stream = itertools.chain([head], stream)
+    out_dir = _resolve_out(name, out, overwrite)
+    pad_id = tok.eot_id if tok.eot_id is not None else tmpl.stop_id
+    rows_per_shard = max(1, (min(shard_tokens, S.MAX_SHARD_TOKENS) - 1) // seq_len)
+    stats = {sp: PackStats() for sp in ("train", "val")}
+    packers = {sp: BestFitPacker(seq_len, pad_id, stats=stats[sp]) for sp in ("train", "val")}
+    writers = {sp: _RowWriter(out_dir, name, sp, rows_per_shard, seq_len, tok.vocab_size, pad_id)
+               for sp in ("train", "val")}
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(desc=f"prepare {name}", unit=" conversations", file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
+    n = 0
+    try:
+        for chunk in iter(lambda: list(itertools.islice(stream, 1024)), []):
+            splits = []
+            for msgs, _where, split in chunk:
+                if split is None or rule == "fraction":  # whole conversations, spread through the input
+                    split = "val" if writers["val"].documents < frac * (n + 1) else "train"
+                writers[split].documents += 1
+                splits.append(split)
+                n += 1
+            try:
+                rendered = tmpl.render_many([c[0] for c in chunk], workers)
+            except GptlabError:  # find the conversation, to name its line
+                for msgs, where, _ in chunk:
+                    try:
+                        tmpl.render(msgs, where=where)
+                    except GptlabError as e:
+                        raise PrepareError(f"{where}: {e}") from None
+                raise
+            for split, (ids, mask) in zip(splits, rendered):
+                for row in packers[split].add(ids, mask):
+                    writers[split].add(*row)
+            if bar is not None:
+                bar.update(len(chunk))
+        for sp in ("train", "val"):
+            for row in packers[sp].finish():
+                writers[sp].add(*row)
+            writers[sp].flush()
+    finally:
+        if bar is not None:
+            bar.close()
+    if not writers["train"].shards:
+        raise PrepareError(f"{name}: no training row has an assistant token ({n} conversations, rows of {seq_len} "
+                           f"tokens); give it more conversations, a smaller --val-fraction or a larger --seq-len")
+    warnings = []
+    if (frac > 0 or rule == "hf_split") and not writers["val"].shards:
+        warnings.append(f"{name}: the val split is empty ({n} conversations); evaluation needs one: pass a larger "
+                        f"--val-fraction or more conversations")
+    cropped = sum(s.cropped for s in stats.values())
+    if cropped:
+        warnings.append(f"{name}: {cropped} conversation(s) longer than --seq-len {seq_len} were cut at the row end")
+    chat_info = {"template": TEMPLATE_NAME, "seq_len": seq_len, "pad_id": pad_id,
+                 **{f"{sp}_{k}": getattr(st, k) for sp, st in stats.items()
+                    for k in ("conversations", "rows", "cropped", "dropped", "targets", "pad") if st.conversations}}
+    shard_list = [s for w in writers.values() for s in w.shards]
+    manifest = S.build_manifest(dataset=name, tokenizer_spec=tok.spec(), vocab_size=tok.vocab_size,
+                                eot_id=tok.eot_id, shards=shard_list,
+                                source={**source_info, "val_rule": rule, "val_fraction": frac},
+                                extra={"documents": n, "shard_tokens": shard_tokens, "chat": chat_info})
+    S.write_manifest(out_dir, manifest)
+    seconds = time.perf_counter() - t0
+    total = sum(w.tokens for w in writers.values())
+    splits = {sp: {"tokens": w.tokens, "shards": [s["file"] for s in w.shards], "documents": w.documents}
+              for sp, w in writers.items() if w.shards}
+    return {"dataset": name, "out": str(out_dir), "tokenizer": tok.spec()["type"], "vocab_size": tok.vocab_size,
+            "eot_id": tok.eot_id, "val_rule": rule, "documents": n, "splits": splits, "chat": chat_info,
+            "seconds": round(seconds, 4), "tokens_per_s": round(total / max(seconds, 1e-9), 1),
+            "workers": workers, "warnings": warnings}

@@ -11,6 +11,12 @@ or of build-nanogpt's ``.npy`` files (``np.save`` of a uint16 array), is read th
 :func:`foreign_manifest`, which checks every header and takes the split from the file names
 (``..._val_...``) or from a validation glob.
 
+A chat dataset (``gptlab prepare chat``) also has a *loss-mask* file beside each token shard,
+``NAME_SPLIT_NNNNNN.mask``: the same 256-int32 header with magic 20261202, version 1 and the token
+count, then one uint8 per token, 1 where that token is a training target (assistant text) and 0
+elsewhere. The shard's manifest entry names it (``"mask"``, ``"mask_sha256"``), and the manifest's
+``"chat"`` object gives the row length: every ``seq_len`` tokens a new packed row starts.
+
 ``manifest.json`` beside the shards names the tokenizer, vocabulary size, EOT id and, per shard, its
 split, token count and SHA-256. It is written last and atomically: a directory without a manifest is
 not a dataset. It also carries the tokenizer's fingerprint, a fingerprint of the shard list (files,
@@ -37,6 +43,7 @@ HEADER_INTS = 256
 HEADER_BYTES = HEADER_INTS * 4
 MAGIC_U16, VERSION_U16 = 20240520, 1
 MAGIC_U32, VERSION_U32 = 20240801, 7
+MAGIC_MASK, VERSION_MASK = 20261202, 1
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "gptlab-token-shards"
 MANIFEST_VERSION = 1
@@ -87,6 +94,59 @@ def write_shard(path: str | os.PathLike, tokens: Any, vocab_size: int) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     # No copy of a 100M-token buffer: the header and a byte view of the tokens are written as they are.
     return fsio.write_atomic(path, [header.tobytes(), memoryview(data).cast("B")])
+
+
+def write_mask(path: str | os.PathLike, mask: Any) -> str:
+    """Write a loss mask (0/1 per token) as a mask file, atomically; return its SHA-256 hex digest."""
+    path = Path(path)
+    arr = np.asarray(mask).reshape(-1)
+    if arr.size and (int(arr.min()) < 0 or int(arr.max()) > 1):
+        raise ShardError(f"{path}: a loss mask holds only 0 and 1")
+    header = np.zeros(HEADER_INTS, dtype="<i4")
+    header[:3] = (MAGIC_MASK, VERSION_MASK, arr.size)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return fsio.write_atomic(path, [header.tobytes(), np.ascontiguousarray(arr.astype(np.uint8)).tobytes()])
+
+
+def read_mask(path: str | os.PathLike, count: int | None = None) -> np.ndarray:
+    """Memory-map a mask file (uint8) after checking its magic, version, size and (if given) count."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            header = np.frombuffer(f.read(HEADER_BYTES), dtype="<i4")
+    except FileNotFoundError:
+        raise ShardError(f"{path}: loss-mask file not found (re-run gptlab prepare chat)") from None
+    if header.size < HEADER_INTS or (int(header[0]), int(header[1])) != (MAGIC_MASK, VERSION_MASK):
+        raise ShardError(f"{path}: not a loss-mask file (expected magic {MAGIC_MASK} version {VERSION_MASK})")
+    n = int(header[2])
+    if n < 0 or size != HEADER_BYTES + n:
+        raise ShardError(f"{path}: mask file size {size} does not match its header's {n} entries (re-run gptlab prepare)")
+    if count is not None and n != count:
+        raise ShardError(f"{path}: mask has {n} entries but its token shard has {count} tokens")
+    if n == 0:
+        return np.zeros(0, dtype=np.uint8)
+    return np.memmap(path, dtype=np.uint8, mode="r", offset=HEADER_BYTES, shape=(n,))
+
+
+def _verify_mask(d: Path, entry: dict[str, Any], count: int, chat_row: int, check_hash: bool) -> None:
+    """A chat shard's loss mask: plain file name, header, count equal to the shard's, whole rows, sha256, 0/1."""
+    path = d / entry["file"]
+    name = entry.get("mask")
+    if name is None:
+        raise ShardError(f"{path}: a chat dataset's shard has no loss mask in manifest.json; re-run gptlab prepare chat")
+    if chat_row and (count < 1 or (count - 1) % chat_row):
+        raise ShardError(f"{path}: {count} tokens is not whole rows of {chat_row} plus one; re-run gptlab prepare chat")
+    if not isinstance(name, str) or Path(name).name != name:
+        raise ShardError(f"{d / MANIFEST}: mask file {name!r} must be a plain file name inside the dataset directory")
+    mpath = d / name
+    mask = read_mask(mpath, count)
+    if check_hash and file_sha256(mpath) != entry.get("mask_sha256"):
+        raise ShardError(f"{mpath}: sha256 does not match manifest.json: the mask changed or is corrupt; "
+                         f"re-run gptlab prepare chat")
+    top = int(np.asarray(mask).max()) if mask.size else 0
+    if top > 1:
+        raise ShardError(f"{mpath}: a loss mask holds only 0 and 1, found {top}")
 
 
 def _npy_header(path: Path) -> tuple[int, np.dtype]:
@@ -398,6 +458,7 @@ def verify_dataset(data_dir: str | os.PathLike, *, check_hash: bool = True, chec
     d = Path(data_dir)
     m = open_manifest(data_dir)
     vocab = int(m["vocab_size"])
+    chat_row = int((m.get("chat") or {}).get("seq_len") or 0)
     splits: dict[str, dict[str, int]] = {}
     for s in m["shards"]:
         path = Path(s["path"]) if s.get("path") else d / s["file"]
@@ -413,11 +474,14 @@ def verify_dataset(data_dir: str | os.PathLike, *, check_hash: bool = True, chec
                                  f"changed or is corrupt; re-run gptlab prepare")
         if check_tokens:
             check_token_range(path, vocab)
+        if "mask" in s or chat_row:
+            _verify_mask(d, s, count, chat_row, check_hash)
         sp = splits.setdefault(s["split"], {"tokens": 0, "shards": 0})
         sp["tokens"] += count
         sp["shards"] += 1
     hashed = check_hash and all(s["sha256"] is not None for s in m["shards"])
-    checked = [c for c, on in (("header", True), ("sha256", hashed), ("token_range", check_tokens)) if on]
+    checked = [c for c, on in (("header", True), ("sha256", hashed), ("token_range", check_tokens),
+                               ("loss_mask", any("mask" in s for s in m["shards"]))) if on]
     return {"dir": str(d), "ok": True, "dataset": m.get("dataset"), "vocab_size": vocab, "splits": splits,
             "shards_checked": len(m["shards"]), "checked": checked}
 
@@ -438,6 +502,7 @@ def verify_cached(data_dir: str | os.PathLike, manifest: dict[str, Any] | None =
     if not any(s.get("sha256") for s in m["shards"]):
         return 0  # llm.c / build-nanogpt shards without a manifest: no hash was ever recorded to check
     vocab = int(m["vocab_size"])
+    chat_row = int((m.get("chat") or {}).get("seq_len") or 0)
     cache_path = _verified_cache_path(d)
     try:
         cache = json.loads(cache_path.read_text(encoding="utf-8"))
@@ -452,6 +517,12 @@ def verify_cached(data_dir: str | os.PathLike, manifest: dict[str, Any] | None =
         except FileNotFoundError:
             raise ShardError(f"{path}: shard file not found (re-run gptlab prepare)") from None
         key = [st.st_size, st.st_mtime_ns, st.st_ino, s["sha256"], vocab]
+        if "mask" in s:
+            try:
+                mst = (d / s["mask"]).stat()
+            except (FileNotFoundError, TypeError):
+                raise ShardError(f"{d / str(s['mask'])}: loss-mask file not found (re-run gptlab prepare chat)") from None
+            key += [mst.st_size, mst.st_mtime_ns, mst.st_ino, s.get("mask_sha256")]
         if cache.get(s["file"]) != key:
             count, dtype = read_header(path)
             if count != int(s["tokens"]):
@@ -461,6 +532,8 @@ def verify_cached(data_dir: str | os.PathLike, manifest: dict[str, Any] | None =
                 raise ShardError(f"{path}: sha256 {got} does not match manifest.json ({s['sha256']}): the file "
                                  f"changed or is corrupt; re-run gptlab prepare")
             check_token_range(path, vocab)
+            if "mask" in s or chat_row:
+                _verify_mask(d, s, count, chat_row, True)
             hashed += 1
         fresh[s["file"]] = key
     if hashed or fresh != cache:

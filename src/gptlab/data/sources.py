@@ -43,7 +43,7 @@ class DatasetInfo:
 
     ``layout``: ``"text"`` is one running text split by characters and tokenized without document
     delimiters (nanoGPT's Shakespeare); ``"documents"`` puts ``<|endoftext|>`` before every document
-    (build-nanogpt's fineweb.py). ``val_rule`` is one of ``chars`` (last ``val_fraction`` of the
+    (build-nanogpt's fineweb.py); ``"chat"`` is conversations (:func:`open_chat_source`). ``val_rule`` is one of ``chars`` (last ``val_fraction`` of the
     characters, per file), ``fraction`` (whole documents, ``val_fraction`` of the tokens, spread through),
     ``hf_split`` (the Hub's own validation split) or ``first_tokens`` (the first shard's worth of
     tokens, as build-nanogpt's first shard).
@@ -101,6 +101,14 @@ DATASETS: dict[str, DatasetInfo] = {d.name: d for d in [
                 val_rule="chars", val_fraction=0.1, local_only=True),
     DatasetInfo("jsonl", "local JSON-lines files (one document per line, text in --field)",
                 val_rule="fraction", val_fraction=0.1, local_only=True),
+    # Conversations for supervised fine-tuning (gptlab.chat): rendered with the chat template, packed
+    # into rows with a loss mask. Records are {"messages": [{"role", "content"}, ...]}.
+    DatasetInfo("chat", "local conversations: JSON lines of {\"messages\": [{\"role\", \"content\"}, ...]}",
+                layout="chat", val_rule="fraction", val_fraction=0.05, local_only=True),
+    DatasetInfo("smoltalk", "SmolTalk (HuggingFaceTB/smoltalk, config all), ~1M chat conversations for SFT",
+                layout="chat", hf_path="HuggingFaceTB/smoltalk", hf_name="all", hf_val_split="test",
+                val_rule="hf_split", val_fraction=None,
+                download="HuggingFaceTB/smoltalk, config all (train + test, ~4 GB parquet) from the Hugging Face Hub"),
 ]}
 
 
@@ -510,3 +518,61 @@ def open_source(info: DatasetInfo, *, input: str | os.PathLike | None = None, fi
 
         return make_hf, src
     raise SourceError(f"{info.name}: no source configured")  # pragma: no cover
+
+
+def open_chat_source(info: DatasetInfo, *, input: str | os.PathLike | None = None, max_docs: int | None = None,
+                     ) -> tuple[Callable[[], Iterator[tuple[list[dict[str, str]], str, str | None]]], dict[str, Any]]:
+    """``(make, source_info)`` for a chat dataset: ``make()`` yields ``(messages, where, split or None)``.
+
+    ``where`` names the record for error messages (``FILE:LINE`` or ``hub-path split row N``); every
+    conversation is validated (:func:`gptlab.chat.validate_messages`). Local input: JSON lines
+    (``.jsonl[.gz]``) or parquet with a ``messages`` column (a Hub download kept on disk).
+    """
+    from gptlab.chat import conversation_from_json, read_conversations
+
+    if input is None and info.local_only:
+        raise SourceError(f"{info.name}: needs a local file of conversations: pass --input FILE.jsonl")
+    if input is not None:
+        paths = expand_input(input)
+
+        def make_local() -> Iterator[tuple[list[dict[str, str]], str, str | None]]:
+            for p in paths:
+                if p.name.lower().endswith(PARQUET_EXTENSIONS):
+                    import pyarrow.parquet as pq
+
+                    pf = pq.ParquetFile(p)
+                    if "messages" not in pf.schema_arrow.names:
+                        raise SourceError(f"{p}: no column 'messages' (columns: {pf.schema_arrow.names})")
+                    n = 0
+                    for batch in pf.iter_batches(columns=["messages"], batch_size=1024):
+                        for msgs in batch.column(0).to_pylist():
+                            n += 1
+                            yield conversation_from_json({"messages": msgs}, f"{p} row {n}"), f"{p} row {n}", None
+                else:
+                    for msgs, where in read_conversations(p):
+                        yield msgs, where, None
+
+        return (lambda: _limit(make_local(), max_docs)), {"input": [str(p) for p in paths]}
+
+    def rows(split: str) -> Iterator[tuple[list[dict[str, str]], str]]:
+        try:
+            ds = load_hf_dataset(info.hf_path or "", info.hf_name, split, streaming=True)
+        except ImportError:
+            raise SourceError(f"{info.name}: downloading needs the 'datasets' package (pip install 'gptlab[data]'), "
+                              f"or pass a local copy with --input FILE.jsonl|DIR") from None
+        except Exception as e:
+            raise SourceError(f"{info.name}: cannot download {info.download} ({_first_line(e)}); pass a local copy "
+                              f"with --input FILE.jsonl|DIR (one {{\"messages\": [...]}} per line, or the Hub's "
+                              f"parquet files)") from None
+        for n, row in enumerate(ds, 1):
+            where = f"{info.hf_path} {split} row {n}"
+            yield conversation_from_json(row, where), where
+
+    def make_hf() -> Iterator[tuple[list[dict[str, str]], str, str | None]]:
+        if info.hf_val_split:
+            for msgs, where in _limit(rows(info.hf_val_split), max_docs):
+                yield msgs, where, "val"
+        for msgs, where in _limit(rows(info.hf_split), max_docs):
+            yield msgs, where, "train"
+
+    return make_hf, {"hf_path": info.hf_path, "hf_name": info.hf_name, "hf_split": info.hf_split}
