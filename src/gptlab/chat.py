@@ -323,6 +323,8 @@ def extend_vocab(model: Any, vocab_size: int, pad_multiple: int = 128) -> Any:
             grown[:min(w.size(0), Vp)] = w[:Vp]
             grown[old:vocab_size] = w[:old].mean(dim=0)
             state[key] = grown
+        if cfg.tie_embeddings:
+            state.pop("lm_head.weight", None)  # the same tensor as wte: loading it would undo the growth
         p = next(model.parameters())
         new = GPT(new_cfg).to(device=p.device, dtype=p.dtype)  # not via the meta device: that unties the head
         missing, unexpected = new.load_state_dict(state, strict=False)

@@ -1,7 +1,7 @@
 """Held-out exact-match accuracy of a chat model, and the synthetic instruction task SFT demos train on.
 
-The task (``reverse``): the user asks to reverse a short string of letters written with spaces
-between them (``"reverse: k q z w"``), the assistant answers with the letters in reverse order
+The task (``reverse``): the user asks to reverse a short string of distinct letters written with
+spaces between them (``"reverse: k q z w"``), the assistant answers with the letters in reverse order
 (``"w z q k"``). Spaced letters are one token each for characters and for GPT-2's BPE alike, so the
 same task suits every tokenizer gptlab has; a base model has never seen the turn tokens, so it
 starts near 0%. Strings are split into training and held-out sets by a hash of the string, so no
@@ -33,7 +33,7 @@ def task_examples(n: int, seed: int, *, held_out: bool, alphabet: str = string.a
     seen: set[str] = set()
     while len(out) < n:
         k = rng.randint(MIN_LETTERS, MAX_LETTERS)
-        letters = "".join(rng.choice(alphabet) for _ in range(k))
+        letters = "".join(rng.sample(alphabet, k))  # distinct letters: the reply is unambiguous to locate
         if letters in seen or _held_out(letters) != held_out:
             continue
         seen.add(letters)
