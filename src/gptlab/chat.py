@@ -86,6 +86,11 @@ class ChatTemplate:
         """The token that ends an assistant turn (generation stops there)."""
         return self.end["assistant"]
 
+    @property
+    def stop_text(self) -> str:
+        """How :attr:`stop_id` decodes (``<|assistant_end|>``): a stop string for text-level generators."""
+        return self.tokenizer.decode([self.stop_id])
+
     def render(self, messages: Sequence[dict[str, str]], *, add_generation_prompt: bool = False,
                where: str = "conversation") -> tuple[list[int], list[int]]:
         """``(ids, mask)`` of a conversation (validated); the prompt for a reply with ``add_generation_prompt``."""
@@ -129,6 +134,29 @@ class ChatTemplate:
                 "{{- '<|' + message['role'] + '_start|>' + message['content'] + '<|' + message['role'] + '_end|>' -}}"
                 "{%- endfor -%}"
                 "{%- if add_generation_prompt -%}{{- '<|assistant_start|>' -}}{%- endif -%}")
+
+
+def fit_history(template: ChatTemplate, messages: Sequence[dict[str, str]], budget: int
+                ) -> tuple[list[int], int]:
+    """The generation prompt of ``messages`` in at most ``budget`` tokens: ``(ids, turns_dropped)``.
+
+    Whole exchanges are dropped oldest first (a user message with its reply; a system message stays),
+    so the model never sees half a turn. Raises :class:`ChatError` when even the last user message
+    alone does not fit.
+    """
+    msgs = list(messages)
+    system = msgs[:1] if msgs and msgs[0]["role"] == "system" else []
+    turns = msgs[len(system):]
+    dropped = 0
+    while True:
+        ids = template.prompt(system + turns)
+        if len(ids) <= budget:
+            return ids, dropped
+        if len(turns) <= 1:
+            raise ChatError(f"the message needs {len(ids)} tokens with the template but only {budget} fit in the "
+                            f"context window (after room for the reply); write a shorter one")
+        turns = turns[2:] if len(turns) > 2 else turns[-1:]
+        dropped += 1
 
 
 # --------------------------------------------------------------------------- conversations
@@ -301,7 +329,7 @@ def extend_vocab(model: Any, vocab_size: int, pad_multiple: int = 128) -> Any:
     import torch
 
     from gptlab.config import ModelConfig, from_dict, to_dict
-    from gptlab.model import GPT
+    from gptlab.loading import materialize
 
     cfg = model.config
     old = cfg.vocab_size
@@ -312,7 +340,7 @@ def extend_vocab(model: Any, vocab_size: int, pad_multiple: int = 128) -> Any:
     if cfg.padded_vocab_size < vocab_size:
         d["pad_vocab_multiple"] = max(int(pad_multiple), 1)
     new_cfg = from_dict(ModelConfig, d, "model")
-    state = model.state_dict()
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}  # no aliasing with the old model
     Vp = new_cfg.padded_vocab_size
     with torch.no_grad():
         for key in ("transformer.wte.weight", "lm_head.weight"):
@@ -325,12 +353,7 @@ def extend_vocab(model: Any, vocab_size: int, pad_multiple: int = 128) -> Any:
             state[key] = grown
         if cfg.tie_embeddings:
             state.pop("lm_head.weight", None)  # the same tensor as wte: loading it would undo the growth
-        p = next(model.parameters())
-        new = GPT(new_cfg).to(device=p.device, dtype=p.dtype)  # not via the meta device: that unties the head
-        missing, unexpected = new.load_state_dict(state, strict=False)
-        if cfg.tie_embeddings:
-            missing = [k for k in missing if k != "lm_head.weight"]
-        if missing or unexpected:  # pragma: no cover - the state above is built to match
-            raise ChatError(f"extend_vocab: weights do not match (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    p = next(model.parameters())
+    new = materialize(new_cfg, state, device=p.device, dtype=p.dtype, where="extend_vocab")
     new.train(model.training)
     return new

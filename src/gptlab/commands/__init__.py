@@ -11,7 +11,8 @@ from __future__ import annotations
 import argparse
 
 # The verbs in the order ``gptlab --help`` lists them; each is ``gptlab.commands.<name>``.
-VERBS: tuple[str, ...] = ("prepare", "train", "sample", "eval", "export", "serve", "bench", "plot", "tokenizer")
+VERBS: tuple[str, ...] = ("prepare", "train", "sample", "chat", "eval", "export", "serve", "bench", "plot",
+                         "tokenizer")
 
 SRC_HELP = ("model source: a Hub name (gpt2, gpt2-medium, gpt2-large, gpt2-xl), a Hugging Face "
             "model directory, a gptlab run / checkpoint directory, a nanoGPT run dir or ckpt.pt, a build-nanogpt "
