@@ -267,3 +267,36 @@ def test_extend_vocab_unmasks_chat_rows_without_resizing():
     grown = C.extend_vocab(plain, 50263, pad_multiple=128)
     assert grown.transformer.wte.weight.shape == (50304, 16) and grown.config.vocab_size == 50263
     assert C.extend_vocab(grown, 50263) is grown
+
+
+def _hf_greedy_reply(hf, tok, prompt_ids, max_new):
+    """Reference reply: transformers' greedy generate, cut at the first turn token, decoded."""
+    stops = sorted(tok.special_tokens.values())
+    out = hf.generate(torch.tensor([prompt_ids]), max_new_tokens=max_new, do_sample=False, eos_token_id=stops,
+                      pad_token_id=stops[0], attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long))
+    new = out[0, len(prompt_ids):].tolist()
+    cut = next((i for i, v in enumerate(new) if v in stops), len(new))
+    return tok.decode(new[:cut])
+
+
+def test_chat_accuracy_is_exact_match_of_greedy_replies():
+    pytest.importorskip("transformers")
+    from gptlab.config import ModelConfig
+    from gptlab.evals.chat import chat_accuracy, task_examples
+    from gptlab.hf import to_hf_model
+    from gptlab.model import GPT
+
+    tok = _char_tok()
+    t = C.ChatTemplate.for_tokenizer(tok)
+    torch.manual_seed(3)
+    model = GPT(ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=48, vocab_size=tok.vocab_size,
+                            init_std=0.5))
+    hf = to_hf_model(model)
+    qs = [q for q, _ in task_examples(12, 0, held_out=True)]
+    replies = [_hf_greedy_reply(hf, tok, t.prompt([{"role": "user", "content": q}]), 12) for q in qs]
+    assert len(set(replies)) > 3  # the model says different things
+    assert chat_accuracy(model, tok, list(zip(qs, replies)), max_new_tokens=12) == {"accuracy": 1.0, "n": 12,
+                                                                                      "correct": 12}
+    wrong = [(q, r + "x") if i % 3 == 0 else (q, r) for i, (q, r) in enumerate(zip(qs, replies))]
+    assert chat_accuracy(model, tok, wrong, max_new_tokens=12)["correct"] == 8
+    assert model.training  # left as it was

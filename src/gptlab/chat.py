@@ -87,9 +87,11 @@ class ChatTemplate:
         return self.end["assistant"]
 
     @property
-    def stop_text(self) -> str:
-        """How :attr:`stop_id` decodes (``<|assistant_end|>``): a stop string for text-level generators."""
-        return self.tokenizer.decode([self.stop_id])
+    def stop_texts(self) -> list[str]:
+        """Stop strings for text-level generators (the engine): ``<|assistant_end|>`` ends a reply, and
+        any other turn token means the model is writing the next turn, so the reply is over too."""
+        ids = [self.stop_id] + [i for i in (*self.start.values(), *self.end.values()) if i != self.stop_id]
+        return [self.tokenizer.decode([i]) for i in ids]
 
     def render(self, messages: Sequence[dict[str, str]], *, add_generation_prompt: bool = False,
                where: str = "conversation") -> tuple[list[int], list[int]]:

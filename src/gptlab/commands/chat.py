@@ -98,7 +98,7 @@ class Session:
             print(f"(context window full: dropped the oldest {dropped} exchange{'s' if dropped > 1 else ''})",
                   file=self.err, flush=True)
         params = SamplingParams(max_tokens=max_new, temperature=self.temperature, top_k=self.top_k or None,
-                                seed=self.seed + self.turn, stop=[self.tmpl.stop_text])
+                                seed=self.seed + self.turn, stop=self.tmpl.stop_texts)
         self.turn += 1
         pieces: list[str] = []
         req = self.engine.submit(ids, params)
@@ -138,6 +138,7 @@ def run(args: argparse.Namespace) -> int:
             pass
         print(f"gptlab chat: {args.init} (context {engine.max_seq_len} tokens). /help for commands, "
               f"Ctrl-D to quit.", file=sys.stderr, flush=True)
+    failed = False
     try:
         while True:
             if interactive:
@@ -159,9 +160,11 @@ def run(args: argparse.Namespace) -> int:
             try:
                 session.reply(line)
             except GptlabError as e:
-                if not interactive:
-                    raise
+                # A bad message ends neither session; piped, an empty reply keeps one block per line.
+                failed = True
                 print(f"error: {e}", file=sys.stderr, flush=True)
+                if not interactive:
+                    print(flush=True)
     except KeyboardInterrupt:
         print("\n(bye)", file=sys.stderr, flush=True)
-    return 0
+    return 1 if failed and not interactive else 0

@@ -47,46 +47,29 @@ def task_conversations(n: int, seed: int, *, held_out: bool = False) -> list[lis
             for q, a in task_examples(n, seed, held_out=held_out)]
 
 
-def chat_accuracy(model: Any, tokenizer: Any, examples: Sequence[tuple[str, str]], *, device: Any = None,
-                  batch_size: int = 64, max_new_tokens: int | None = None) -> dict[str, Any]:
+def chat_accuracy(model: Any, tokenizer: Any, examples: Sequence[tuple[str, str]], *, batch_size: int = 64,
+                  max_new_tokens: int | None = None) -> dict[str, Any]:
     """Exact-match accuracy of greedy replies to single-turn questions: ``{"accuracy", "n", "correct"}``.
 
-    Each question is rendered with the chat template and a generation prompt; the reply is the text
-    before the first ``<|assistant_end|>`` (or all generated text, if none), compared to the answer
-    after stripping surrounding whitespace. Prompts of equal length are decoded in one batch.
+    Each question is rendered with the chat template and a generation prompt and answered through the
+    engine; the reply ends at ``<|assistant_end|>`` (or any other turn token) and is compared to the
+    answer after stripping surrounding whitespace. ``model`` is left in the mode it was in.
     """
-    import torch
-
     from gptlab.chat import ChatTemplate
-    from gptlab.generate import generate
+    from gptlab.engine import Engine, SamplingParams
 
     tmpl = ChatTemplate.for_tokenizer(tokenizer)
-    device = device or next(model.parameters()).device
     prompts = [tmpl.prompt([{"role": "user", "content": q}]) for q, _ in examples]
-    budget = [max_new_tokens or len(tokenizer.encode(a)) + 1 for _, a in examples]
-    groups: dict[int, list[int]] = {}
-    for i, p in enumerate(prompts):
-        groups.setdefault(len(p), []).append(i)
-    correct = 0
+    longest = max((len(tokenizer.encode(a)) for _, a in examples), default=0) + 2
+    room = model.config.block_size - max((len(p) for p in prompts), default=0)
+    params = SamplingParams(max_tokens=max(1, min(max_new_tokens or longest, room)), temperature=0.0,
+                            stop=tmpl.stop_texts)
     was_training = model.training
-    model.eval()
     try:
-        for length in sorted(groups):
-            idx = groups[length]
-            for b in range(0, len(idx), batch_size):
-                rows = idx[b:b + batch_size]
-                new = min(max(budget[i] for i in rows), model.config.block_size - length)
-                if new <= 0:
-                    continue
-                x = torch.tensor([prompts[i] for i in rows], dtype=torch.long, device=device)
-                with torch.no_grad():
-                    out = generate(model, x, new, temperature=0.0, stop_id=tmpl.stop_id)
-                for i, row in zip(rows, out[:, length:].tolist()):
-                    if tmpl.stop_id in row:
-                        row = row[:row.index(tmpl.stop_id)]
-                    reply = tokenizer.decode(row)
-                    correct += int(reply.strip() == examples[i][1].strip())
+        engine = Engine(model, tokenizer, max_batch=batch_size, max_queue=max(len(prompts), 1))
+        done = engine.generate(prompts, params)
     finally:
         model.train(was_training)
+    correct = sum(int(c.text.strip() == a.strip()) for c, (_, a) in zip(done, examples))
     n = len(examples)
     return {"accuracy": correct / n if n else 0.0, "n": n, "correct": correct}
