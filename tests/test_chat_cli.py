@@ -157,3 +157,28 @@ def test_terminal_session(chat_model, quit_key):
         if p.poll() is None:
             p.kill()
         os.close(fd)
+
+
+def test_sample_chat_renders_the_template(chat_model, capsys):
+    import json
+
+    from gptlab.cli import main
+
+    path, model, tok = chat_model
+    assert main(["sample", "--init", str(path), "--chat", "--prompt", "what is this?", "--temperature", "0",
+                 "--max-new-tokens", "12", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    want = _reference_replies(model, tok, ["what is this?"], 12)[0]
+    assert res["completions"] == [want] and res["samples"] == [want] and res["prompt"] == "what is this?"
+    t = C.ChatTemplate.for_tokenizer(tok)
+    assert res["prompt_tokens"] == len(t.prompt([{"role": "user", "content": "what is this?"}]))
+    # a model without chat tokens is refused with a one-line error
+    plain = path.parent / "plain"
+    from gptlab.config import ModelConfig
+    from gptlab.hf import export_hf
+    from gptlab.model import GPT
+
+    base = CharTokenizer(tok.chars)
+    export_hf(GPT(ModelConfig(n_layer=1, n_head=2, n_embd=8, block_size=16, vocab_size=base.vocab_size)), base, plain)
+    assert main(["sample", "--init", str(plain), "--chat", "--prompt", "hi"]) == 1
+    assert "has no chat tokens" in capsys.readouterr().err

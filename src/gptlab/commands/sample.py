@@ -25,6 +25,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--stop", action="append", default=[], metavar="TEXT",
                    help="end a sample before this text (repeatable)")
     p.add_argument("--ignore-eot", action="store_true", help="keep going past the end-of-text token")
+    p.add_argument("--chat", action="store_true",
+                   help="a chat model: --prompt is one user message, rendered with the chat template; samples "
+                        "are the assistant's replies, ending at the end of the turn")
     p.add_argument("--no-kv-cache", action="store_true", help="recompute the whole context every step")
     p.add_argument("--stream", action="store_true", help="print text as it is produced (one sample at a time)")
     p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto")
@@ -61,9 +64,18 @@ def run(args: argparse.Namespace) -> int:
         raise GptlabError(f"--init {args.init}: no tokenizer found with the model; sampling needs one "
                           "(export it from gptlab, or use a GPT-2-vocabulary model)")
     load_s = time.perf_counter() - t0
-    prompt_ids = encode_prompt(engine.tokenizer, text)
     W = engine.max_seq_len
     max_new = args.max_new_tokens
+    stop = list(args.stop)
+    if args.chat:
+        from gptlab.chat import ChatTemplate, fit_history
+
+        tmpl = ChatTemplate.for_tokenizer(engine.tokenizer)
+        max_new = min(max_new, W - 1)
+        prompt_ids, _ = fit_history(tmpl, [{"role": "user", "content": text}], W - max_new)
+        stop += tmpl.stop_texts
+    else:
+        prompt_ids = encode_prompt(engine.tokenizer, text)
     if len(prompt_ids) + max_new > W:
         keep = min(len(prompt_ids), max(W - max_new, W // 2))
         print(f"gptlab sample: warning: prompt ({len(prompt_ids)} tokens) + --max-new-tokens {max_new} exceed the context window "
@@ -71,8 +83,9 @@ def run(args: argparse.Namespace) -> int:
         prompt_ids = prompt_ids[-keep:]
         max_new = min(max_new, W - keep)
     params = [SamplingParams(max_tokens=max_new, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                             seed=args.seed + i, stop=args.stop, ignore_eot=args.ignore_eot)
+                             seed=args.seed + i, stop=stop, ignore_eot=args.ignore_eot)
               for i in range(args.num_samples)]
+    shown = "" if args.chat else text  # a chat sample is the reply alone
     out_stream = sys.stderr if args.json else sys.stdout
     completions = []
     t1 = time.perf_counter()
@@ -80,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
         for n, p in enumerate(params):
             if n:
                 print("---------------", file=out_stream, flush=True)
-            print(text, end="", file=out_stream, flush=True)
+            print(shown, end="", file=out_stream, flush=True)
             req = engine.submit(prompt_ids, p)
             for ev in engine.stream(req):
                 if ev.text:
@@ -96,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
         torch.cuda.synchronize()
     gen_s = time.perf_counter() - t1
     new_tokens = sum(len(c.token_ids) for c in completions)
-    samples = [text + c.text for c in completions]
+    samples = [shown + c.text for c in completions]
     tps = new_tokens / gen_s if gen_s > 0 else float("nan")
     if args.json:
         print(json.dumps({"samples": samples, "completions": [c.text for c in completions], "prompt": text,
