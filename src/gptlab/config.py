@@ -334,6 +334,9 @@ class TrainDataConfig:
     val_fraction: float | None = None
     shuffle: bool = False  # False: read shards in order (build-nanogpt); True: seeded random order
     seed: int = 0
+    # Chat datasets only: with no input, generate this synthetic task's conversations (gptlab.evals.chat).
+    task: str = ""  # "" or "reverse"
+    task_examples: int = 20_000
 
 
 @dataclass
@@ -422,6 +425,8 @@ class EvalConfig:
     hellaswag_every: int = 0
     hellaswag_input: str = ""
     hellaswag_limit: int = 0  # 0 = all 10,042 validation examples
+    chat_eval_every: int = 0  # held-out exact match of data.task (gptlab.evals.chat)
+    chat_eval_n: int = 200  # held-out questions per chat evaluation
 
     def __post_init__(self) -> None:
         for f in fields(self):

@@ -250,7 +250,13 @@ def build(cfg: TrainConfig, info: gdist.DistInfo, device: torch.device, stop: St
             gdist.print0(note)
 
     # ---- model (the checkpoint's weights, model.init's, or a seeded init), wrapped; optimizer
-    raw, init_tok, origin = S.build_model(cfg, vocab_size, ckpt)
+    raw, init_tok, origin = S.build_model(cfg, vocab_size, ckpt, tok_spec)
+    from gptlab.chat import is_chat_twin
+    from gptlab.tokenizer import fingerprint
+
+    if init_tok is not None and fingerprint(init_tok) != fingerprint(tok_spec) and is_chat_twin(init_tok.spec(),
+                                                                                               tok_spec):
+        init_tok = None  # chat fine-tuning: the run's tokenizer is the data's, the base's plus the chat tokens
     S.check_data_pairing(cfg, manifest, data_dir, init_tok, resume_meta)
     if cfg.seq_len > raw.config.block_size:
         raise ConfigError(f"batch.seq_len={cfg.seq_len} exceeds the model's context ({raw.config.block_size})")

@@ -23,11 +23,22 @@ def _held_out(letters: str) -> bool:
     return zlib.crc32(letters.encode()) % 8 == HELD_OUT_BUCKET
 
 
-def task_examples(n: int, seed: int, *, held_out: bool, alphabet: str = string.ascii_lowercase
+TASKS = ("reverse",)
+
+
+def check_task(task: str) -> None:
+    if task not in TASKS:
+        from gptlab.errors import GptlabError
+
+        raise GptlabError(f"data.task={task!r}: unknown synthetic task; choose one of {', '.join(TASKS)}")
+
+
+def task_examples(n: int, seed: int, *, held_out: bool, task: str = TASK, alphabet: str = string.ascii_lowercase
                   ) -> list[tuple[str, str]]:
     """``n`` distinct ``(question, answer)`` pairs of the reverse task, from the training or the held-out set."""
     import random
 
+    check_task(task)
     rng = random.Random(f"{TASK}-{seed}-{held_out}")
     out: list[tuple[str, str]] = []
     seen: set[str] = set()
@@ -41,10 +52,11 @@ def task_examples(n: int, seed: int, *, held_out: bool, alphabet: str = string.a
     return out
 
 
-def task_conversations(n: int, seed: int, *, held_out: bool = False) -> list[list[dict[str, str]]]:
+def task_conversations(n: int, seed: int, *, held_out: bool = False, task: str = TASK
+                       ) -> list[list[dict[str, str]]]:
     """The task's examples as one-turn conversations (``{"messages"}`` lists)."""
     return [[{"role": "user", "content": q}, {"role": "assistant", "content": a}]
-            for q, a in task_examples(n, seed, held_out=held_out)]
+            for q, a in task_examples(n, seed, held_out=held_out, task=task)]
 
 
 def chat_accuracy(model: Any, tokenizer: Any, examples: Sequence[tuple[str, str]], *, batch_size: int = 64,
@@ -73,3 +85,41 @@ def chat_accuracy(model: Any, tokenizer: Any, examples: Sequence[tuple[str, str]
     correct = sum(int(c.text.strip() == a.strip()) for c, (_, a) in zip(done, examples))
     n = len(examples)
     return {"accuracy": correct / n if n else 0.0, "n": n, "correct": correct}
+
+
+# --------------------------------------------------------------------------- during training
+
+
+from gptlab.evals.registry import Eval, EvalContext, EvalOff, register  # noqa: E402
+
+
+@register
+class ChatEval(Eval):
+    """Held-out exact match of the run's synthetic task (``data.task``): ``eval.chat_eval_n`` questions the
+    training data never contains, answered greedily; records ``{"accuracy", "n"}`` (kind ``chat_eval``)."""
+
+    name = "chat_eval"
+    every_key = "chat_eval_every"
+    main_only = True
+
+    def __init__(self, ctx: EvalContext) -> None:
+        from gptlab.chat import has_chat_tokens
+
+        task = ctx.cfg.data.task
+        if not task:
+            raise EvalOff("chat_eval is off: it scores a synthetic task's held-out questions; set data.task")
+        if not has_chat_tokens(ctx.tokenizer):
+            raise EvalOff("chat_eval is off: the run's tokenizer has no chat tokens (train on chat data)")
+        self.examples = task_examples(ctx.cfg.eval.chat_eval_n, ctx.cfg.data.seed, held_out=True, task=task)
+
+    def run(self, model: Any, ctx: EvalContext) -> list[dict[str, Any]]:
+        res = chat_accuracy(model, ctx.tokenizer, self.examples)
+        model.train()
+        return [{"accuracy": res["accuracy"], "n": res["n"]}]
+
+    def report(self, records: list[dict[str, Any]]) -> str | None:
+        r = records[0]
+        return f"chat_eval accuracy {r['accuracy']:.3f} (n={r['n']})"
+
+    def describe(self) -> str:
+        return f"chat_eval {len(self.examples)} held-out questions"

@@ -13,6 +13,9 @@ Bits per byte (``bpb``) makes losses of different tokenizers comparable: the sum
 ``ln 2`` over the UTF-8 bytes the target tokens stand for (:func:`gptlab.tokenizer.token_byte_lengths`,
 the dataset's tokenizer). Special tokens (``<|endoftext|>``) stand for no bytes and are left out of
 both sums, as nanochat does, so a tokenizer that marks document ends is not charged for them.
+
+On a chat dataset (``gptlab prepare chat``) the windows are its packed rows and only targets whose loss
+mask is 1 (assistant replies) count, as in training; the others are ``IGNORE_INDEX`` (-1) targets.
 """
 
 from __future__ import annotations
@@ -87,19 +90,29 @@ def byte_lengths_tensor(tokenizer: Any | None, device: torch.device | str) -> to
 
 def bpb_sums(per_token_nats: torch.Tensor, targets: torch.Tensor, nbytes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(nats of byte-bearing targets, their bytes)`` in float64, for bits per byte = nats / ln 2 / bytes."""
-    nb = nbytes[targets.reshape(-1)]
+    t = targets.reshape(-1)
+    nb = nbytes[t.clamp(min=0)] * (t != -1)  # masked chat targets (-1) count no bytes
     nats = per_token_nats.reshape(-1).double()
     return (nats * (nb > 0)).sum(), nb.sum().double()
 
 
-def _windows(data_dir: Path, split: str, manifest: dict[str, Any], T: int) -> list[tuple[np.ndarray, int]]:
-    """(shard tokens, number of windows) per shard of ``split`` in manifest order."""
-    from gptlab.data.shards import read_shard, shard_paths
+def _windows(data_dir: Path, split: str, manifest: dict[str, Any], T: int
+             ) -> list[tuple[np.ndarray, np.ndarray, int]]:
+    """(shard tokens, targets, number of windows) per shard of ``split`` in manifest order; the targets are
+    the tokens, or for chat data the tokens with every loss-mask-0 position set to -1 (ignored)."""
+    from gptlab.data.shards import read_mask, read_shard
 
     out = []
-    for path in shard_paths(data_dir, split, manifest):
+    for s in manifest["shards"]:
+        if s["split"] != split:
+            continue
+        path = Path(s["path"]) if s.get("path") else data_dir / s["file"]
         arr = read_shard(path)
-        out.append((arr, max(len(arr) - 1, 0) // T))
+        tgt = arr
+        if "mask" in s:
+            mask = np.asarray(read_mask(data_dir / s["mask"], arr.size))
+            tgt = np.where(mask == 1, np.asarray(arr, dtype=np.int64), np.int64(-1))
+        out.append((arr, tgt, max(len(arr) - 1, 0) // T))
     return out
 
 
@@ -128,7 +141,10 @@ def evaluate_loss(model: torch.nn.Module, data_dir: str | os.PathLike, *, split:
     cfg = unwrap_model(model).config
     check_tokenizer(manifest, cfg.vocab_size, tokenizer, str(data_dir))
     verify_cached(data_dir, manifest)  # shard hashes and token range, once per dataset
-    T = int(seq_len or cfg.block_size)
+    chat_T = int((manifest.get("chat") or {}).get("seq_len") or 0)
+    T = int(seq_len or chat_T or cfg.block_size)
+    if chat_T and T != chat_T:
+        raise EvalLossError(f"seq_len {T}: {data_dir} holds chat rows of {chat_T} tokens; use --seq-len {chat_T}")
     if not 1 <= T <= cfg.block_size:
         raise EvalLossError(f"seq_len {T}: must be between 1 and the model's context ({cfg.block_size})")
     if batch_size < 1:
@@ -137,7 +153,7 @@ def evaluate_loss(model: torch.nn.Module, data_dir: str | os.PathLike, *, split:
     if not shards:
         have = sorted({s["split"] for s in manifest["shards"]})
         raise EvalLossError(f"{data_dir}: no {split!r} split in manifest.json (splits: {', '.join(have) or 'none'})")
-    available = sum(n for _, n in shards)
+    available = sum(n for _, _, n in shards)
     if tokens is None:
         n_windows = min(available, DEFAULT_EVAL_TOKENS // T)
     else:
@@ -155,7 +171,7 @@ def evaluate_loss(model: torch.nn.Module, data_dir: str | os.PathLike, *, split:
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
     # Global window i -> (shard, offset): walk the shards in order.
     index = []
-    for si, (_, n) in enumerate(shards):
+    for si, (_, _, n) in enumerate(shards):
         index += [(si, s * T) for s in range(n)]
         if len(index) >= n_windows:
             break
@@ -176,16 +192,17 @@ def evaluate_loss(model: torch.nn.Module, data_dir: str | os.PathLike, *, split:
             real = bool(chunk)
             if not real:  # this rank has run out: a dummy forward keeps collective counts equal
                 chunk = index[:1]
-            buf = np.stack([shards[si][0][off: off + T + 1] for si, off in chunk]).astype(np.int64)
-            xy = torch.from_numpy(buf).to(device)  # (B, T+1)
-            y = xy[:, 1:]
+            x = np.stack([shards[si][0][off: off + T] for si, off in chunk]).astype(np.int64)
+            y = torch.from_numpy(np.stack([shards[si][1][off + 1: off + T + 1] for si, off in chunk])
+                                 .astype(np.int64)).to(device)  # (B, T); -1: a masked chat target
             with autocast(device, dtype):
-                logits, _ = model(xy[:, :-1])
+                logits, _ = model(torch.from_numpy(x).to(device))
             # Per target in fp32, as the model's own loss; summed in fp64.
-            per = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), reduction="none")
+            per = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), reduction="none",
+                                  ignore_index=-1)
             if real:
                 total[0] += per.double().sum()
-                total[1] += len(chunk) * T
+                total[1] += (y != -1).sum()
                 if nbytes is not None:
                     nats, nb = bpb_sums(per, y, nbytes)
                     total[2] += nats
@@ -259,7 +276,8 @@ class ValLoss(Eval):
                 logits, loss = model(x, y)
             total += loss.float()
             if self.nbytes is not None:
-                per = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), reduction="none")
+                per = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), reduction="none",
+                                      ignore_index=-1)
                 nats, nb = bpb_sums(per, y, self.nbytes)
                 bpb[0] += nats
                 bpb[1] += nb

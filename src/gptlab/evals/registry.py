@@ -43,7 +43,7 @@ if TYPE_CHECKING:  # the registry itself imports no torch
     from gptlab.dist import DistInfo, Parallel
 
 # Modules whose import registers the in-training evals, in the order they run within a step.
-MODULES: tuple[str, ...] = ("gptlab.evals.loss", "gptlab.evals.hellaswag", "gptlab.evals.samples")
+MODULES: tuple[str, ...] = ("gptlab.evals.loss", "gptlab.evals.hellaswag", "gptlab.evals.samples", "gptlab.evals.chat")
 
 _REGISTRY: dict[str, type[Eval]] = {}
 

@@ -71,16 +71,50 @@ def on_main(fn: Any, *args: Any) -> Any:
     return result
 
 
+def is_chat_data(cfg: TrainConfig) -> bool:
+    """Whether ``data.dataset`` is conversations (prepared with the chat template, trained with a loss mask)."""
+    from gptlab.data.sources import DATASETS
+
+    info = DATASETS.get(cfg.data.dataset)
+    return info is not None and info.layout == "chat"
+
+
+def chat_base_tokenizer(cfg: TrainConfig) -> Any:
+    """The tokenizer chat data is rendered with: ``data.tokenizer``, else ``model.init``'s, else GPT-2's."""
+    from gptlab.data.prepare import resolve_tokenizer
+
+    if cfg.data.tokenizer or not cfg.model.init:
+        return resolve_tokenizer(cfg.data.tokenizer or None)
+    from gptlab.loading import read_source
+
+    tok = read_source(cfg.model.init).tokenizer
+    if tok is None:
+        raise ConfigError(f"model.init={cfg.model.init!r} comes without a tokenizer; set data.tokenizer for the "
+                          f"chat data (gpt2 or a tokenizer directory)")
+    return tok
+
+
 def resolve_data_dir(cfg: TrainConfig) -> Path:
     if cfg.data.dir:
         return Path(cfg.data.dir).expanduser()
     from gptlab.data.sources import default_data_dir
 
+    if is_chat_data(cfg):
+        # Rendered conversations depend on the tokenizer and the row length: one directory for each.
+        from gptlab.tokenizer import fingerprint
+
+        fp = fingerprint(chat_base_tokenizer(cfg))[:10]
+        task = f"-{cfg.data.task}" if cfg.data.task and not cfg.data.input else ""
+        return default_data_dir(f"{cfg.data.dataset}{task}-{fp}-T{cfg.seq_len}")
     return default_data_dir(cfg.data.dataset)
 
 
 def prepare_data(cfg: TrainConfig, data_dir: Path) -> dict[str, Any]:
     """The manifest of ``data_dir``, preparing ``data.dataset`` there first when it has none (rank 0).
+
+    Chat data is rendered with the base model's tokenizer into rows of ``batch.seq_len``; with no
+    ``data.input`` and a ``data.task``, the task's conversations are generated first (``conversations.jsonl``
+    in the data directory, kept as the record of what was trained on).
 
     A glob, or a directory of llm.c / build-nanogpt shards without a manifest, is used as it is
     (:func:`gptlab.data.shards.open_manifest`); nothing is ever prepared beside such shards."""
@@ -97,8 +131,24 @@ def prepare_data(cfg: TrainConfig, data_dir: Path) -> dict[str, Any]:
     if not (data_dir / "manifest.json").is_file():
         if not cfg.data.dataset:
             raise GptlabError(f"{data_dir}: no manifest.json; run `gptlab prepare` or set data.dataset")
-        from gptlab.data.prepare import prepare_dataset
+        from gptlab.data.prepare import prepare_chat, prepare_dataset
 
+        if is_chat_data(cfg):
+            source: Any = cfg.data.input or None
+            if source is None and cfg.data.task:
+                from gptlab.chat import write_conversations
+                from gptlab.evals.chat import task_conversations
+
+                data_dir.mkdir(parents=True, exist_ok=True)
+                source = data_dir / "conversations.jsonl"
+                n = write_conversations(source, task_conversations(cfg.data.task_examples, cfg.data.seed,
+                                                                   task=cfg.data.task))
+                gdist.print0(f"data: generated {n:,} {cfg.data.task!r} conversations in {source}")
+            gdist.print0(f"data: {data_dir} has no manifest.json; preparing {cfg.data.dataset!r} in rows of "
+                         f"{cfg.seq_len} tokens" + (f" from {source}" if source else ""))
+            prepare_chat(cfg.data.dataset, input=source, out=data_dir, tokenizer=chat_base_tokenizer(cfg),
+                         seq_len=cfg.seq_len, val_fraction=cfg.data.val_fraction, progress=True)
+            return read_manifest(data_dir)
         gdist.print0(f"data: {data_dir} has no manifest.json; preparing {cfg.data.dataset!r}"
                      + (f" from {cfg.data.input}" if cfg.data.input else ""))
         prepare_dataset(cfg.data.dataset, input=cfg.data.input or None, out=data_dir,
@@ -111,9 +161,14 @@ def split_tokens(manifest: dict[str, Any], split: str) -> int:
     return sum(int(s["tokens"]) for s in manifest["shards"] if s["split"] == split)
 
 
-def build_model(cfg: TrainConfig, vocab_size: int, resume: Path | None) -> tuple[GPT, Any | None, str]:
+def build_model(cfg: TrainConfig, vocab_size: int, resume: Path | None, tok_spec: dict[str, Any] | None = None
+                ) -> tuple[GPT, Any | None, str]:
     """The raw model (weights from the checkpoint being resumed, ``model.init``, or a seeded init),
     the init source's tokenizer (if any) and a description of where the weights came from.
+
+    Chat fine-tuning: when the data's tokenizer (``tok_spec``) is ``model.init``'s with the chat tokens
+    appended, those ids become real tokens of the model (:func:`gptlab.chat.extend_vocab`; for GPT-2
+    they are rows the padded vocabulary already has).
 
     Saved weights go through :func:`gptlab.loading.materialize` (meta device, then assign): no random
     init is computed for weights that are about to be replaced."""
@@ -127,6 +182,13 @@ def build_model(cfg: TrainConfig, vocab_size: int, resume: Path | None) -> tuple
         # fp32 master weights whatever the source stores (llm.c's bf16 files, bf16 HF dirs).
         model, init_tok = load_model(cfg.model.init, device="cpu", dtype=torch.float32,
                                      overrides={"dropout": cfg.model.dropout})
+        if model.config.vocab_size < vocab_size and init_tok is not None and tok_spec is not None:
+            from gptlab.chat import extend_vocab, is_chat_twin
+
+            if is_chat_twin(init_tok.spec(), tok_spec):
+                added = vocab_size - model.config.vocab_size
+                model = extend_vocab(model, vocab_size, pad_multiple=cfg.model.pad_vocab_multiple)
+                return model, init_tok, f"init from {cfg.model.init}, {added} chat tokens added"
         if model.config.vocab_size < vocab_size:
             raise ConfigError(f"model.init={cfg.model.init!r} has {model.config.vocab_size} tokens but the dataset "
                               f"uses {vocab_size}: prepare the data with the model's tokenizer")
