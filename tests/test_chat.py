@@ -300,3 +300,56 @@ def test_chat_accuracy_is_exact_match_of_greedy_replies():
     wrong = [(q, r + "x") if i % 3 == 0 else (q, r) for i, (q, r) in enumerate(zip(qs, replies))]
     assert chat_accuracy(model, tok, wrong, max_new_tokens=12)["correct"] == 8
     assert model.training  # left as it was
+
+
+def test_smoltalk_streams_the_hub_splits_or_reads_a_local_copy(tmp_path, monkeypatch):
+    """The Hub path (load_hf_dataset replaced: tests stay offline) takes the test split as val; --input
+    reads a local copy (JSONL, or the Hub's parquet files); offline without input is one line naming --input."""
+    from gptlab.data import sources
+    from gptlab.data.prepare import prepare_dataset
+
+    rows = {"train": [{"messages": CONV[1:3], "source": "x"}] * 30, "test": [{"messages": CONV[1:3]}] * 4}
+    calls = []
+
+    def fake(path, name, split, streaming=True):
+        calls.append((path, name, split))
+        return iter(rows[split])
+
+    monkeypatch.setattr(sources, "load_hf_dataset", fake)
+    res = prepare_dataset("smoltalk", out=tmp_path / "hub", seq_len=64, progress=False)
+    assert ("HuggingFaceTB/smoltalk", "all", "test") in calls and ("HuggingFaceTB/smoltalk", "all", "train") in calls
+    assert res["splits"]["val"]["documents"] == 4 and res["splits"]["train"]["documents"] == 30
+    assert S.verify_dataset(tmp_path / "hub")["ok"]
+
+    def offline(path, name, split, streaming=True):
+        raise ConnectionError("cannot resolve huggingface.co")
+
+    monkeypatch.setattr(sources, "load_hf_dataset", offline)
+    with pytest.raises(GptlabError) as ei:
+        prepare_dataset("smoltalk", out=tmp_path / "off", seq_len=64, progress=False)
+    assert "--input FILE.jsonl" in str(ei.value) and "\n" not in str(ei.value)
+    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa
+
+    pq.write_table(pa.table({"messages": [CONV[1:3]] * 20}), tmp_path / "train-0.parquet")
+    res = prepare_dataset("smoltalk", input=str(tmp_path / "train-0.parquet"), out=tmp_path / "local", seq_len=64,
+                          val_fraction=0.1, progress=False)
+    assert res["documents"] == 20 and res["splits"]["val"]["documents"] == 2
+
+
+def test_cli_prepare_chat_and_verify(tmp_path, capsys):
+    from gptlab.cli import main
+
+    C.write_conversations(tmp_path / "c.jsonl", [CONV] * 40)
+    assert main(["prepare", "chat", "--input", str(tmp_path / "c.jsonl"), "--out", str(tmp_path / "d"),
+                 "--seq-len", "128", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["chat"]["seq_len"] == 128 and res["vocab_size"] == 50263 and res["documents"] == 40
+    assert main(["prepare", "--verify", str(tmp_path / "d"), "--json"]) == 0
+    assert "loss_mask" in json.loads(capsys.readouterr().out)["checked"]
+    (tmp_path / "bad.jsonl").write_text('{"messages": [{"role": "user", "content": "a"}]}\n')
+    assert main(["prepare", "chat", "--input", str(tmp_path / "bad.jsonl"), "--out", str(tmp_path / "e")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("bad.jsonl:1: no assistant message, so nothing to learn from it") and "\n" not in err
+    assert main(["prepare", "pydocs", "--seq-len", "64", "--out", str(tmp_path / "f")]) == 1
+    assert "--seq-len applies to chat datasets only" in capsys.readouterr().err

@@ -24,7 +24,7 @@ def test_default_data_dir_follows_env(monkeypatch, tmp_path):
 
 def test_registry_lists_every_dataset_and_hints_typos():
     want = {"shakespeare_char", "shakespeare", "tinystories", "openwebtext", "fineweb_edu_10b",
-            "fineweb_edu_100b", "fineweb_10b", "pydocs", "text", "jsonl"}
+            "fineweb_edu_100b", "fineweb_10b", "pydocs", "text", "jsonl", "chat", "smoltalk"}
     assert set(sources.DATASETS) == want
     with pytest.raises(GptlabError, match="did you mean 'fineweb_10b'"):
         sources.get_dataset("fineweb10b")
