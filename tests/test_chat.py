@@ -118,14 +118,19 @@ def test_hf_apply_chat_template_gives_gptlab_ids(tmp_path):
 
 
 def test_best_fit_packing():
-    items = [([1] * n, [0] + [1] * (n - 1)) for n in (5, 3, 8, 2, 6, 12, 1)]
+    sizes = (5, 3, 8, 2, 6, 12, 1, 4)
+    items = [([k + 1] * n, [0] + [1] * (n - 1)) for k, n in enumerate(sizes)]  # conversation k is all k+1
     st = C.PackStats()
     rows = list(C.pack_rows(items, 8, pad_id=0, pool=4, stats=st))
     assert all(r[0].size == 8 and r[1].size == 8 for r in rows)
-    # best fit fills a row with the longest conversation that still fits
-    assert st.conversations == 7 and st.cropped == 1 and st.dropped == 1  # the 1-token one has no target
-    placed = sum(int(r[1].sum()) for r in rows)
-    assert placed == st.targets
+    assert st.conversations == 8 and st.cropped == 1 and st.dropped == 0
+    # rows start with conversations in input order, then are filled with the longest that fits
+    assert [r[0].tolist() for r in rows] == [[1, 1, 1, 1, 1, 2, 2, 2], [3] * 8, [4, 4, 5, 5, 5, 5, 5, 5],
+                                             [6] * 8, [7, 8, 8, 8, 8, 0, 0, 0]]
+    assert rows[4][1].tolist() == [0, 0, 1, 1, 1, 0, 0, 0]
+    lone = C.PackStats()
+    assert list(C.pack_rows([([9], [0])], 8, pad_id=0, stats=lone)) == [] and lone.dropped == 1  # no target
+    assert sum(int(r[1].sum()) for r in rows) == st.targets
     assert st.tokens + st.pad == 8 * st.rows
     for ids, mask in rows:  # padding is masked
         assert not mask[ids == 0].any()

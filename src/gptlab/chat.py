@@ -249,9 +249,12 @@ class PackStats:
 class BestFitPacker:
     """Packs rendered conversations into rows of exactly ``row_len`` tokens, each row starting a conversation.
 
-    Best fit, as nanochat's SFT loader: a row is filled from a pool of up to ``pool`` conversations,
-    each time with the longest one that still fits; when none fits, the rest of the row is padding
-    (mask 0). A conversation longer than a row is cropped to a row of its own (its tail is lost).
+    A row starts with the oldest conversation in a pool of up to ``pool``, then is filled best fit, as
+    nanochat's SFT loader does: each time the longest one that still fits; when none fits, the rest of
+    the row is padding (mask 0). Taking the first one in order rather than the longest matters with
+    learned positions: otherwise short conversations would almost never start a row, and a model
+    would meet them at position 0 (where a chat starts) only at inference. A conversation longer than
+    a row is cropped to a row of its own (its tail is lost).
     Rows without a single target are dropped. Deterministic for a given input order; streaming:
     :meth:`add` returns the rows completed so far, :meth:`finish` the rest.
     """
@@ -277,24 +280,23 @@ class BestFitPacker:
 
     def _row(self) -> list[tuple[np.ndarray, np.ndarray]]:
         T, pool, st = self.T, self.pool, self.stats
-        ids: list[int] = []
-        mask: list[int] = []
-        while pool:
-            room = T - len(ids)
-            best = -1
-            for j, (cid, _) in enumerate(pool):
-                if len(cid) <= room and (best < 0 or len(cid) > len(pool[best][0])):
-                    best = j
-            if best < 0:
-                if ids:
+        first, first_mask = pool.pop(0)
+        if len(first) > T:  # longer than a whole row: crop it
+            st.cropped += 1
+            ids, mask = first[:T], first_mask[:T]
+        else:
+            ids, mask = list(first), list(first_mask)
+            while pool:
+                room = T - len(ids)
+                best = -1
+                for j, (cid, _) in enumerate(pool):
+                    if len(cid) <= room and (best < 0 or len(cid) > len(pool[best][0])):
+                        best = j
+                if best < 0:
                     break
-                cid, cm = pool.pop(0)  # longer than a whole row: crop it
-                st.cropped += 1
-                ids, mask = cid[:T], cm[:T]
-                break
-            cid, cm = pool.pop(best)
-            ids += cid
-            mask += cm
+                cid, cm = pool.pop(best)
+                ids += cid
+                mask += cm
         if not any(mask):
             st.dropped += 1
             return []
