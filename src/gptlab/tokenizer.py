@@ -442,8 +442,9 @@ def token_byte_lengths(tok: Tokenizer) -> "Any":
     hit = _BYTE_LENGTHS.get(key)
     if hit is not None:
         return hit
-    if isinstance(tok, CharTokenizer):
-        out = np.array([len(c.encode("utf-8")) for c in tok.chars], dtype=np.int64)
+    if isinstance(tok, CharTokenizer):  # appended chat tokens are special: 0 bytes
+        out = np.array([len(c.encode("utf-8")) for c in tok.chars] + [0] * (tok.vocab_size - len(tok.chars)),
+                       dtype=np.int64)
     elif hasattr(tok, "enc"):
         enc = tok.enc
         out = np.zeros(tok.vocab_size, dtype=np.int64)
