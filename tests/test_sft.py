@@ -122,3 +122,33 @@ def test_sft_val_loss_counts_assistant_tokens_only(base_run, tmp_path, monkeypat
     res = evaluate_loss(model, data, split="val", tokens=n_rows * 48, batch_size=4, tokenizer=tok)
     assert res["tokens"] == sum(len(c) for c in per_target)
     assert res["loss"] == pytest.approx(torch.cat(per_target).mean().item(), rel=1e-5)
+
+
+@pytest.mark.slow
+def test_sft_two_gloo_processes_equal_one_process(base_run, tmp_path, monkeypatch):
+    """DDP on chat data: 2 ranks x 2 micro-batches with the masked loss give one process's 4 micro-batches."""
+    import os
+    import subprocess
+    import sys
+
+    from test_train import assert_same_weights, final_weights, train_losses
+
+    monkeypatch.setenv("GPTLAB_DATA_HOME", str(tmp_path / "home"))
+    common = ["--batch.micro_batch=2", "--batch.batch_tokens=384", "--checkpoint.every=0", "--eval.eval_every=4",
+              "--eval.chat_eval_every=4"]
+    single = train(sft_cfg(base_run, tmp_path / "single", tmp_path / "home", *common, max_steps=4))
+    data = next((tmp_path / "home").iterdir())  # prepared by the single run: the same rows for both
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "-m", "gptlab", "train", "--config", "sft-tiny", "--init", str(base_run), "--data", str(data),
+                        "--out", str(tmp_path / "ddp"), "--max-steps", "4", "--logging.progress=false",
+                        "--system.threads=1", "--eval.chat_eval_n=10", "--batch.seq_len=48", *common],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert single["steps"] == 4
+    assert_same_weights(final_weights(tmp_path / "ddp"), final_weights(tmp_path / "single"), exact=False)
+    for (sa, a), (sb, b) in zip(train_losses(tmp_path / "ddp"), train_losses(tmp_path / "single")):
+        assert sa == sb and a == pytest.approx(b, rel=1e-5)
+    chat = [[(x["step"], x["accuracy"]) for x in read_metrics(d / "metrics.jsonl") if x["kind"] == "chat_eval"]
+            for d in (tmp_path / "ddp", tmp_path / "single")]
+    assert chat[0] == chat[1] and len(chat[0]) == 1
