@@ -204,7 +204,7 @@ def test_prepare_chat_bad_line_writes_nothing(tmp_path):
     p.write_text(json.dumps({"messages": CONV[1:3]}) + "\n" + json.dumps({"messages": CONV[1:3]}) + "\n")
     with pytest.raises(GptlabError, match=r"c.jsonl:1: character 'H' is not in"):
         prepare_chat("chat", input=p, out=tmp_path / "d", tokenizer=_char_tok(), progress=False)
-    assert not S.MANIFEST in [f.name for f in (tmp_path / "d").iterdir()]
+    assert not (tmp_path / "d" / S.MANIFEST).exists()  # built beside --out: nothing claims to be a dataset
 
 
 def test_masked_loss_ignores_user_targets_and_sees_assistant_ones(tmp_path):

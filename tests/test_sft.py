@@ -63,13 +63,13 @@ def test_sft_tiny_end_to_end(base_run, tmp_path, monkeypatch):
     summary = train(sft_cfg(base_run, out, tmp_path / "home", "--eval.chat_eval_every=2", max_steps=4, eval_every=2))
     assert summary["steps"] == 4
     # the data: generated conversations, rendered with the base's tokenizer + chat tokens, in 48-token rows
-    data_dirs = list((tmp_path / "home").iterdir())
+    data_dirs = [d for d in (tmp_path / "home").iterdir() if d.is_dir() and not d.name.startswith(".")]
     assert len(data_dirs) == 1 and data_dirs[0].name.startswith("chat-reverse-") and data_dirs[0].name.endswith("-T48")
     m = read_manifest(data_dirs[0])
     base_model, base_tok = load_model(base_run)
     assert m["tokenizer"] == {**base_tok.spec(), "chat": True} and m["chat"]["seq_len"] == 48
     assert verify_dataset(data_dirs[0])["ok"]
-    assert sum(1 for _ in open(data_dirs[0] / "conversations.jsonl")) == 300
+    assert sum(1 for _ in open(data_dirs[0].with_name(data_dirs[0].name + ".conversations.jsonl"))) == 300
     # metrics: masked val loss and held-out exact match at steps 2 and 4
     recs = read_metrics(out / "metrics.jsonl")
     chat = [r for r in recs if r["kind"] == "chat_eval"]
@@ -98,7 +98,7 @@ def test_sft_val_loss_counts_assistant_tokens_only(base_run, tmp_path, monkeypat
     out = tmp_path / "sft"
     train(sft_cfg(base_run, out, tmp_path / "home", max_steps=2, eval_every=2))
     val = [r for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "val"][-1]["val_loss"]
-    data = next((tmp_path / "home").iterdir())
+    data = next(d for d in (tmp_path / "home").iterdir() if d.is_dir() and not d.name.startswith("."))
     m = read_manifest(data)
     model, tok = load_model(out)
     t = ChatTemplate.for_tokenizer(tok)
@@ -145,7 +145,8 @@ def test_sft_two_gloo_processes_equal_one_process(base_run, tmp_path, monkeypatc
     common = ["--batch.micro_batch=2", "--batch.batch_tokens=384", "--checkpoint.every=0", "--eval.eval_every=4",
               "--eval.chat_eval_every=4"]
     single = train(sft_cfg(base_run, tmp_path / "single", tmp_path / "home", *common, max_steps=4))
-    data = next((tmp_path / "home").iterdir())  # prepared by the single run: the same rows for both
+    # prepared by the single run: the same rows for both
+    data = next(d for d in (tmp_path / "home").iterdir() if d.is_dir() and not d.name.startswith("."))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                         "-m", "gptlab", "train", "--config", "sft-tiny", "--init", str(base_run), "--data", str(data),

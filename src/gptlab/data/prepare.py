@@ -236,7 +236,7 @@ def _publish(tmp: Path, out_dir: Path) -> None:
 
     own = {S.MANIFEST, SPEC_FILE, RANKS_FILE}
     try:
-        own |= {s["file"] for s in S.read_manifest(out_dir)["shards"]}
+        own |= {f for s in S.read_manifest(out_dir)["shards"] for f in (s["file"], s.get("mask")) if f}
     except GptlabError:
         pass
     fsio.replace_dir(tmp, out_dir, lambda n: n in own)
@@ -594,80 +594,84 @@ def prepare_chat(name: str = "chat", *, input: str | os.PathLike | None = None, 
     frac = val_fraction if val_fraction is not None else (info.val_fraction or 0.0)
     rule = "hf_split" if info.val_rule == "hf_split" and input is None and val_fraction is None else "fraction"
 
-    # Pull the first conversation before creating --out: a missing file or a bad first line fails
-    # with nothing written. Later bad lines stop the run before the manifest: no dataset claims to exist.
+    # Pull the first conversation before touching --out: a missing file or a bad first line fails with
+    # nothing written. The dataset is built beside --out and swapped in whole: a later bad line leaves
+    # --out as it was.
     stream = make()
     head = next(stream, None)
     if head is None:
         raise PrepareError(f"{name}: no conversations in the input")
     stream = itertools.chain([head], stream)
-    out_dir = _resolve_out(name, out, overwrite)
-    pad_id = tok.eot_id if tok.eot_id is not None else tmpl.stop_id
-    rows_per_shard = max(1, (min(shard_tokens, S.MAX_SHARD_TOKENS) - 1) // seq_len)
-    stats = {sp: PackStats() for sp in ("train", "val")}
-    packers = {sp: BestFitPacker(seq_len, pad_id, stats=stats[sp]) for sp in ("train", "val")}
-    writers = {sp: _RowWriter(out_dir, name, sp, rows_per_shard, seq_len, tok.vocab_size, pad_id)
-               for sp in ("train", "val")}
-    bar = None
-    if progress:
-        from tqdm import tqdm
 
-        bar = tqdm(desc=f"prepare {name}", unit=" conversations", file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
-    n = 0
-    try:
-        for chunk in iter(lambda: list(itertools.islice(stream, 1024)), []):
-            splits = []
-            for msgs, _where, split in chunk:
-                if split is None or rule == "fraction":  # whole conversations, spread through the input
-                    split = "val" if writers["val"].documents < frac * (n + 1) else "train"
-                writers[split].documents += 1
-                splits.append(split)
-                n += 1
-            try:
-                rendered = tmpl.render_many([c[0] for c in chunk], workers)
-            except GptlabError:  # find the conversation, to name its line
-                for msgs, where, _ in chunk:
-                    try:
-                        tmpl.render(msgs, where=where)
-                    except GptlabError as e:
-                        raise PrepareError(f"{where}: {e}") from None
-                raise
-            for split, (ids, mask) in zip(splits, rendered):
-                for row in packers[split].add(ids, mask):
-                    writers[split].add(*row)
+    def write(tmp: Path, out_dir: Path) -> dict[str, Any]:  # into a hidden dir beside --out, then swapped in
+        pad_id = tok.eot_id if tok.eot_id is not None else tmpl.stop_id
+        rows_per_shard = max(1, (min(shard_tokens, S.MAX_SHARD_TOKENS) - 1) // seq_len)
+        stats = {sp: PackStats() for sp in ("train", "val")}
+        packers = {sp: BestFitPacker(seq_len, pad_id, stats=stats[sp]) for sp in ("train", "val")}
+        writers = {sp: _RowWriter(tmp, name, sp, rows_per_shard, seq_len, tok.vocab_size, pad_id)
+                   for sp in ("train", "val")}
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(desc=f"prepare {name}", unit=" conversations", file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
+        n = 0
+        try:
+            for chunk in iter(lambda: list(itertools.islice(stream, 1024)), []):
+                splits = []
+                for msgs, _where, split in chunk:
+                    if split is None or rule == "fraction":  # whole conversations, spread through the input
+                        split = "val" if writers["val"].documents < frac * (n + 1) else "train"
+                    writers[split].documents += 1
+                    splits.append(split)
+                    n += 1
+                try:
+                    rendered = tmpl.render_many([c[0] for c in chunk], workers)
+                except GptlabError:  # find the conversation, to name its line
+                    for msgs, where, _ in chunk:
+                        try:
+                            tmpl.render(msgs, where=where)
+                        except GptlabError as e:
+                            raise PrepareError(f"{where}: {e}") from None
+                    raise
+                for split, (ids, mask) in zip(splits, rendered):
+                    for row in packers[split].add(ids, mask):
+                        writers[split].add(*row)
+                if bar is not None:
+                    bar.update(len(chunk))
+            for sp in ("train", "val"):
+                for row in packers[sp].finish():
+                    writers[sp].add(*row)
+                writers[sp].flush()
+        finally:
             if bar is not None:
-                bar.update(len(chunk))
-        for sp in ("train", "val"):
-            for row in packers[sp].finish():
-                writers[sp].add(*row)
-            writers[sp].flush()
-    finally:
-        if bar is not None:
-            bar.close()
-    if not writers["train"].shards:
-        raise PrepareError(f"{name}: no training row has an assistant token ({n} conversations, rows of {seq_len} "
-                           f"tokens); give it more conversations, a smaller --val-fraction or a larger --seq-len")
-    warnings = []
-    if (frac > 0 or rule == "hf_split") and not writers["val"].shards:
-        warnings.append(f"{name}: the val split is empty ({n} conversations); evaluation needs one: pass a larger "
-                        f"--val-fraction or more conversations")
-    cropped = sum(s.cropped for s in stats.values())
-    if cropped:
-        warnings.append(f"{name}: {cropped} conversation(s) longer than --seq-len {seq_len} were cut at the row end")
-    chat_info = {"template": TEMPLATE_NAME, "seq_len": seq_len, "pad_id": pad_id,
-                 **{f"{sp}_{k}": getattr(st, k) for sp, st in stats.items()
-                    for k in ("conversations", "rows", "cropped", "dropped", "targets", "pad") if st.conversations}}
-    shard_list = [s for w in writers.values() for s in w.shards]
-    manifest = S.build_manifest(dataset=name, tokenizer_spec=tok.spec(), vocab_size=tok.vocab_size,
-                                eot_id=tok.eot_id, shards=shard_list,
-                                source={**source_info, "val_rule": rule, "val_fraction": frac},
-                                extra={"documents": n, "shard_tokens": shard_tokens, "chat": chat_info})
-    S.write_manifest(out_dir, manifest)
-    seconds = time.perf_counter() - t0
-    total = sum(w.tokens for w in writers.values())
-    splits = {sp: {"tokens": w.tokens, "shards": [s["file"] for s in w.shards], "documents": w.documents}
-              for sp, w in writers.items() if w.shards}
-    return {"dataset": name, "out": str(out_dir), "tokenizer": tok.spec()["type"], "vocab_size": tok.vocab_size,
-            "eot_id": tok.eot_id, "val_rule": rule, "documents": n, "splits": splits, "chat": chat_info,
-            "seconds": round(seconds, 4), "tokens_per_s": round(total / max(seconds, 1e-9), 1),
-            "workers": workers, "warnings": warnings}
+                bar.close()
+        if not writers["train"].shards:
+            raise PrepareError(f"{name}: no training row has an assistant token ({n} conversations, rows of {seq_len} "
+                               f"tokens); give it more conversations, a smaller --val-fraction or a larger --seq-len")
+        warnings = []
+        if (frac > 0 or rule == "hf_split") and not writers["val"].shards:
+            warnings.append(f"{name}: the val split is empty ({n} conversations); evaluation needs one: pass a larger "
+                            f"--val-fraction or more conversations")
+        cropped = sum(s.cropped for s in stats.values())
+        if cropped:
+            warnings.append(f"{name}: {cropped} conversation(s) longer than --seq-len {seq_len} were cut at the row end")
+        chat_info = {"template": TEMPLATE_NAME, "seq_len": seq_len, "pad_id": pad_id,
+                     **{f"{sp}_{k}": getattr(st, k) for sp, st in stats.items()
+                        for k in ("conversations", "rows", "cropped", "dropped", "targets", "pad") if st.conversations}}
+        shard_list = [s for w in writers.values() for s in w.shards]
+        manifest = S.build_manifest(dataset=name, tokenizer_spec=tok.spec(), vocab_size=tok.vocab_size,
+                                    eot_id=tok.eot_id, shards=shard_list,
+                                    source={**source_info, "val_rule": rule, "val_fraction": frac},
+                                    extra={"documents": n, "shard_tokens": shard_tokens, "chat": chat_info})
+        S.write_manifest(tmp, manifest)
+        seconds = time.perf_counter() - t0
+        total = sum(w.tokens for w in writers.values())
+        splits = {sp: {"tokens": w.tokens, "shards": [s["file"] for s in w.shards], "documents": w.documents}
+                  for sp, w in writers.items() if w.shards}
+        return {"dataset": name, "out": str(out_dir), "tokenizer": tok.spec()["type"], "vocab_size": tok.vocab_size,
+                "eot_id": tok.eot_id, "val_rule": rule, "documents": n, "splits": splits, "chat": chat_info,
+                "seconds": round(seconds, 4), "tokens_per_s": round(total / max(seconds, 1e-9), 1),
+                "workers": workers, "warnings": warnings}
+
+    return _build_into(name, out, overwrite, write)

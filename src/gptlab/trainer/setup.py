@@ -113,8 +113,8 @@ def prepare_data(cfg: TrainConfig, data_dir: Path) -> dict[str, Any]:
     """The manifest of ``data_dir``, preparing ``data.dataset`` there first when it has none (rank 0).
 
     Chat data is rendered with the base model's tokenizer into rows of ``batch.seq_len``; with no
-    ``data.input`` and a ``data.task``, the task's conversations are generated first (``conversations.jsonl``
-    in the data directory, kept as the record of what was trained on).
+    ``data.input`` and a ``data.task``, the task's conversations are generated first (``DIR.conversations.jsonl``
+    beside the data directory, kept as the record of what was trained on).
 
     A glob, or a directory of llm.c / build-nanogpt shards without a manifest, is used as it is
     (:func:`gptlab.data.shards.open_manifest`); nothing is ever prepared beside such shards."""
@@ -139,8 +139,9 @@ def prepare_data(cfg: TrainConfig, data_dir: Path) -> dict[str, Any]:
                 from gptlab.chat import write_conversations
                 from gptlab.evals.chat import task_conversations
 
-                data_dir.mkdir(parents=True, exist_ok=True)
-                source = data_dir / "conversations.jsonl"
+                # Beside the data directory, not in it: prepare only builds into a directory of its own.
+                data_dir.parent.mkdir(parents=True, exist_ok=True)
+                source = data_dir.with_name(data_dir.name + ".conversations.jsonl")
                 n = write_conversations(source, task_conversations(cfg.data.task_examples, cfg.data.seed,
                                                                    task=cfg.data.task))
                 gdist.print0(f"data: generated {n:,} {cfg.data.task!r} conversations in {source}")
