@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 
 import pytest
@@ -16,6 +18,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # CPU kernel choice (gptlab.kernels): never write the user's cache, and keep plain nn.Linear unless a test
 # turns measuring on (a choice by timing could differ between two processes a test compares bit for bit).
 os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="gptlab-test-cache-")
+atexit.register(shutil.rmtree, os.environ["XDG_CACHE_HOME"], ignore_errors=True)
 os.environ.setdefault("GPTLAB_ONEDNN", "0")
 
 

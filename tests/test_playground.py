@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("fastapi")
-pytest.importorskip("uvicorn")
-httpx = pytest.importorskip("httpx")
+import fastapi  # noqa: E402,F401  (in [dev]: a missing one fails, never skips)
+import uvicorn  # noqa: E402,F401  (in [dev]: a missing one fails, never skips)
+import httpx  # noqa: E402
 
 from serve_util import LiveServer, make_run  # noqa: E402
 

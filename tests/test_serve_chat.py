@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import pytest
 
-pytest.importorskip("fastapi")
-pytest.importorskip("uvicorn")
-pytest.importorskip("prometheus_client")
-openai = pytest.importorskip("openai")
-httpx = pytest.importorskip("httpx")
-torch = pytest.importorskip("torch")
+import fastapi  # noqa: E402,F401  (in [dev]: a missing one fails, never skips)
+import uvicorn  # noqa: E402,F401  (in [dev]: a missing one fails, never skips)
+import prometheus_client  # noqa: E402,F401  (in [dev]: a missing one fails, never skips)
+import openai  # noqa: E402
+import httpx  # noqa: E402
+import torch  # noqa: E402
 
 from serve_util import LiveServer  # noqa: E402
 
