@@ -420,3 +420,14 @@ def test_bench_serve_against_a_running_server(server, run_dir):
         assert isinstance(r[key], float) and r[key] >= 0, (key, r[key])
     assert r["output_tokens"] == 6 * 5
     assert r["speedup_vs_one_client"] == pytest.approx(r["output_tokens_per_s"] / r["one_client_tokens_per_s"])
+
+
+def test_bench_serve_starts_its_own_server(run_dir):
+    """Without --url, ``gptlab bench serve`` starts ``gptlab serve`` on a free port, measures, and stops it."""
+    out = subprocess.run([sys.executable, "-m", "gptlab", "bench", "serve", "--model", str(run_dir),
+                          "--clients", "2", "--requests", "2", "--prompt-tokens", "4", "--max-tokens", "3",
+                          "--one-client-requests", "1", "--json"],
+                         capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr
+    r = json.loads(out.stdout)
+    assert r["output_tokens"] == 2 * 3 and r["output_tokens_per_s"] > 0
