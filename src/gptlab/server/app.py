@@ -375,6 +375,33 @@ def logprobs_json(engine: Any, ids: list[int], lps: list[float | None], tops: li
             "text_offset": offsets}
 
 
+async def collect_rows(state: ServerState, rows: list[Row], t0: float, request: Request) -> bool:
+    """Run ``rows`` to the end (non-streaming), filling each row's ids, logprobs, top logprobs and text.
+
+    False when the client left first: cancelling the collector then cancels its rows. An engine failure
+    surfaces as an exception (a 500)."""
+    async def collect() -> None:
+        async for row, ev in run_rows(state, rows, t0):
+            if getattr(ev, "token_id", None) is not None and ev.token_id >= 0:
+                row.ids.append(int(ev.token_id))
+                row.logprobs.append(ev.logprob)
+                row.tops.append(event_top(ev))
+            row.text.append(ev.text or "")
+
+    work = asyncio.create_task(collect())
+    gone = asyncio.create_task(until_disconnected(request))
+    try:
+        await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not work.done():
+            work.cancel()
+    if work.cancelled():
+        return False
+    work.result()
+    return True
+
+
 def event_top(ev: Any) -> dict[int, float] | None:
     return None if ev.top_logprobs is None else {int(t): float(v) for t, v in ev.top_logprobs}
 
@@ -415,25 +442,8 @@ async def completions(state: ServerState, request: Request) -> Response:
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
                                  background=BackgroundTask(cancel_unfinished, state, rows))
 
-    async def collect() -> None:
-        async for row, ev in run_rows(state, rows, t0):
-            if getattr(ev, "token_id", None) is not None and ev.token_id >= 0:
-                row.ids.append(int(ev.token_id))
-                row.logprobs.append(ev.logprob)
-                row.tops.append(event_top(ev))
-            row.text.append(ev.text or "")
-
-    work = asyncio.create_task(collect())
-    gone = asyncio.create_task(until_disconnected(request))
-    try:
-        await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        gone.cancel()
-        if not work.done():  # the client left: cancelling the collector cancels its rows
-            work.cancel()
-    if work.cancelled():
+    if not await collect_rows(state, rows, t0, request):
         return Response(status_code=499)
-    work.result()  # an engine failure surfaces as a 500
     choices = []
     for r in rows:
         head, head_lp = echo_part(r)

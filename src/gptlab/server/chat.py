@@ -11,7 +11,6 @@ the first carrying the role) ending with ``data: [DONE]``.
 
 from __future__ import annotations
 
-import asyncio
 import time
 import uuid
 from typing import Any, AsyncIterator, Optional, Union
@@ -122,7 +121,7 @@ async def chat_completions(app_state: Any, engine: Any, req: ChatCompletionReque
     from starlette.background import BackgroundTask
     from starlette.responses import JSONResponse, Response, StreamingResponse
 
-    from gptlab.server.app import cancel_unfinished, event_top, run_rows, submit_rows, token_budget, until_disconnected
+    from gptlab.server.app import cancel_unfinished, collect_rows, submit_rows, token_budget
 
     t0 = time.perf_counter()
     tmpl = chat_template(engine)
@@ -153,25 +152,8 @@ async def chat_completions(app_state: Any, engine: Any, req: ChatCompletionReque
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
                                  background=BackgroundTask(cancel_unfinished, app_state, rows))
 
-    async def collect() -> None:
-        async for row, ev in run_rows(app_state, rows, t0):
-            if getattr(ev, "token_id", None) is not None and ev.token_id >= 0:
-                row.ids.append(int(ev.token_id))
-                row.logprobs.append(ev.logprob)
-                row.tops.append(event_top(ev))
-            row.text.append(ev.text or "")
-
-    work = asyncio.create_task(collect())
-    gone = asyncio.create_task(until_disconnected(http_request))
-    try:
-        await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        gone.cancel()
-        if not work.done():  # the client left: cancelling the collector cancels its rows
-            work.cancel()
-    if work.cancelled():
+    if not await collect_rows(app_state, rows, t0, http_request):
         return Response(status_code=499)
-    work.result()
     choices = [{"index": r.index, "message": {"role": "assistant", "content": "".join(r.text)},
                 "logprobs": _logprobs(engine, r.ids, r.logprobs, r.tops, n_top) if chat.logprobs else None,
                 "finish_reason": r.finish_reason} for r in rows]
