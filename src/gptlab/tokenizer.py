@@ -146,7 +146,29 @@ def gpt2_chat_encoding():
                              special_tokens={**base._special_tokens, **chat})
 
 
-class GPT2Tokenizer:
+class _Tiktoken:
+    """Encoding and decoding shared by the tiktoken-backed tokenizers (GPT-2's and trained BPEs)."""
+
+    enc: Any
+
+    def encode(self, text: str, *, allow_special: bool = False) -> list[int]:
+        # disallowed_special=() makes a literal "<|endoftext|>" in corpus text ordinary text instead of
+        # tiktoken's default of raising; only callers that ask (prompts, chat rendering) get special tokens.
+        if allow_special:
+            return self.enc.encode(text, allowed_special="all", disallowed_special=())
+        return self.enc.encode_ordinary(text)
+
+    def encode_batch(self, texts: Sequence[str], *, num_threads: int = 1) -> list[list[int]]:
+        return self.enc.encode_ordinary_batch(list(texts), num_threads=max(1, num_threads))
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.enc.decode([int(i) for i in ids])
+
+    def decode_bytes(self, ids: Iterable[int]) -> bytes:
+        return self.enc.decode_bytes([int(i) for i in ids])
+
+
+class GPT2Tokenizer(_Tiktoken):
     """OpenAI's GPT-2 byte-level BPE (50,257 tokens, ``<|endoftext|>`` = 50256).
 
     ``chat=True`` appends the chat template's turn tokens as ids 50257..50262 (vocab 50,263).
@@ -160,22 +182,6 @@ class GPT2Tokenizer:
         self.enc = gpt2_chat_encoding() if self.chat else gpt2_encoding()
         self.vocab_size = self.enc.n_vocab
         self.special_tokens = dict(self.enc._special_tokens)
-
-    def encode(self, text: str, *, allow_special: bool = False) -> list[int]:
-        # disallowed_special=() makes a literal "<|endoftext|>" in corpus text ordinary text
-        # instead of tiktoken's default of raising; only callers that ask get the special tokens.
-        if allow_special:
-            return self.enc.encode(text, allowed_special="all", disallowed_special=())
-        return self.enc.encode_ordinary(text)
-
-    def encode_batch(self, texts: Sequence[str], *, num_threads: int = 1) -> list[list[int]]:
-        return self.enc.encode_ordinary_batch(list(texts), num_threads=max(1, num_threads))
-
-    def decode(self, ids: Iterable[int]) -> str:
-        return self.enc.decode([int(i) for i in ids])
-
-    def decode_bytes(self, ids: Iterable[int]) -> bytes:
-        return self.enc.decode_bytes([int(i) for i in ids])
 
     def spec(self) -> dict[str, Any]:
         return {"type": "gpt2", "chat": True} if self.chat else {"type": "gpt2"}
@@ -251,7 +257,7 @@ def read_ranks(path: str | os.PathLike) -> dict[bytes, int]:
     return ranks
 
 
-class BPETokenizer:
+class BPETokenizer(_Tiktoken):
     """A trained byte-level BPE: tiktoken mergeable ranks, a pre-tokenisation regex and special tokens.
 
     Ids ``0..len(ranks)-1`` are the merged byte strings (the 256 single bytes included, so every text
@@ -285,20 +291,6 @@ class BPETokenizer:
                                          explicit_n_vocab=self.vocab_size)
         except ValueError as e:
             raise TokenizerError(f"cannot build the BPE encoder: {e}") from None
-
-    def encode(self, text: str, *, allow_special: bool = False) -> list[int]:
-        if allow_special:
-            return self.enc.encode(text, allowed_special="all", disallowed_special=())
-        return self.enc.encode_ordinary(text)
-
-    def encode_batch(self, texts: Sequence[str], *, num_threads: int = 1) -> list[list[int]]:
-        return self.enc.encode_ordinary_batch(list(texts), num_threads=max(1, num_threads))
-
-    def decode(self, ids: Iterable[int]) -> str:
-        return self.enc.decode([int(i) for i in ids])
-
-    def decode_bytes(self, ids: Iterable[int]) -> bytes:
-        return self.enc.decode_bytes([int(i) for i in ids])
 
     def special_id(self, token: str) -> int:
         """The id of a special token by name (e.g. ``<|assistant_start|>``)."""
