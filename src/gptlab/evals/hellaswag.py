@@ -20,14 +20,14 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
-
-import torch
-import torch.nn.functional as F
+from typing import TYPE_CHECKING, Any, Sequence
 
 from gptlab.errors import GptlabError
-from gptlab.runtime import unwrap_model
 from gptlab.evals import GPT2_HELLASWAG_ACC, GPT2_HELLASWAG_ACC_NORM, GPT3_HELLASWAG_ACC_NORM  # noqa: F401
+from gptlab.evals.registry import no_grad
+
+if TYPE_CHECKING:  # torch is imported inside the functions: gptlab eval --help builds this eval's flags
+    import torch
 
 HELLASWAG_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_{split}.jsonl"
 # Example counts of the released splits; a download with another count is incomplete or wrong.
@@ -180,6 +180,8 @@ def render_example(example: dict, tokenizer: Any, max_len: int | None = None) ->
 
 def collate(rendered: Sequence[tuple[list[list[int]], list[int]]]) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-pad the rows of several rendered examples: tokens and ending mask, both (4B, T)."""
+    import torch
+
     rows = [r for rs, _ in rendered for r in rs]
     starts = [s for _, ss in rendered for s in ss]
     T = max(len(r) for r in rows)
@@ -196,6 +198,8 @@ def ending_losses(logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor
 
     logits (R, T, V) predict tokens shifted by one: logits[:, t] scores tokens[:, t + 1].
     """
+    import torch.nn.functional as F
+
     R, T, V = logits.shape
     losses = F.cross_entropy(logits[:, :-1].float().reshape(-1, V), tokens[:, 1:].reshape(-1),
                              reduction="none").view(R, T - 1)  # (R, T-1)
@@ -218,9 +222,9 @@ def _dist_info() -> tuple[int, int]:
     return 0, 1
 
 
-@torch.no_grad()
+@no_grad
 def evaluate_hellaswag(model: torch.nn.Module, examples: Sequence[dict], tokenizer: Any, *,
-                       device: torch.device | str, dtype: torch.dtype = torch.float32, batch_size: int = 8,
+                       device: torch.device | str, dtype: torch.dtype | None = None, batch_size: int = 8,
                        limit: int | None = None, progress: bool = False,
                        return_predictions: bool = False) -> dict[str, Any]:
     """acc / acc_norm of ``model`` on ``examples`` (completion style, see module docstring).
@@ -229,15 +233,17 @@ def evaluate_hellaswag(model: torch.nn.Module, examples: Sequence[dict], tokeniz
     is computed in fp32. ``model`` may be compiled or DDP-wrapped. Under torch.distributed each rank
     scores ``examples[rank::world_size]`` and the counts are all-reduced, so every rank returns the global
     result. ``return_predictions`` adds this rank's per-example ``pred`` / ``pred_norm`` / ``label`` lists.
-    The model's train/eval mode is restored on return.
+    The model's train/eval mode is restored on return. ``dtype`` None is float32.
     """
+    import torch
     from tqdm import tqdm
 
-    from gptlab.runtime import autocast
+    from gptlab.runtime import autocast, unwrap_model
 
     if batch_size < 1:
         raise GptlabError(f"batch_size must be >= 1, got {batch_size}")
     device = torch.device(device)
+    dtype = dtype or torch.float32
     examples = list(examples[:limit] if limit is not None else examples)
     rank, world = _dist_info()
     mine = examples[rank::world]
@@ -320,7 +326,7 @@ def evaluate_hellaswag(model: torch.nn.Module, examples: Sequence[dict], tokeniz
 # --------------------------------------------------------------------------- during training
 
 
-from gptlab.evals.registry import Eval, EvalContext, EvalOff, register  # noqa: E402
+from gptlab.evals.registry import Curve, Eval, EvalContext, EvalOff, register  # noqa: E402
 
 
 @register
@@ -330,6 +336,15 @@ class HellaSwagEval(Eval):
 
     name = "hellaswag"
     every_key = "hellaswag_every"
+    command = "hellaswag"
+    command_help = "HellaSwag accuracy (completion style, acc and acc_norm)"
+    report_to_stderr = True
+    curves = (Curve("acc_norm", "acc_norm", "HellaSwag (completion style)", chance=0.25,  # 4 endings
+                    baselines=((GPT2_HELLASWAG_ACC_NORM["gpt2"], "GPT-2 124M", "tab:red"),
+                               (GPT3_HELLASWAG_ACC_NORM["gpt3-125m"], "GPT-3 125M", "tab:green")),
+                    empty="no HellaSwag evaluations logged\n(they need a GPT-2-tokenizer model\n"
+                          "and eval.hellaswag_every > 0)"),)
+    plot_summary = {"max_acc_norm": "max"}
 
     def __init__(self, ctx: EvalContext) -> None:
         self.examples: list[dict] | None = None  # loaded at the first evaluation
@@ -351,3 +366,56 @@ class HellaSwagEval(Eval):
 
     def report(self, records: list[dict[str, Any]]) -> str:
         return f"hellaswag acc_norm {records[0]['acc_norm']:.4f} (n={records[0]['n']})"
+
+    # ----------------------------------------------------------------- gptlab eval hellaswag
+    @classmethod
+    def add_arguments(cls, p: argparse.ArgumentParser) -> None:
+        from gptlab.commands import SRC_HELP, device_arg, json_arg
+
+        p.add_argument("--init", required=True, help=SRC_HELP)
+        p.add_argument("--split", default="val", choices=["val", "train"])
+        p.add_argument("--input", help="local HellaSwag .jsonl file (default: download and cache)")
+        p.add_argument("--limit", type=int, default=None, help="evaluate the first N examples")
+        p.add_argument("--batch-size", type=int, default=8, help="examples per forward pass")
+        p.add_argument("--dtype", default="auto")
+        p.add_argument("--compile", action="store_true")
+        device_arg(p)
+        json_arg(p)
+
+    @classmethod
+    def run_cli(cls, args: argparse.Namespace) -> dict[str, Any]:
+        """``gptlab eval hellaswag --init SRC [--input FILE.jsonl] [--limit N] [--json]``."""
+        import torch
+
+        from gptlab.kernels import apply_cpu_kernels
+        from gptlab.loading import load_model
+        from gptlab.runtime import resolve_device, resolve_dtype
+
+        if args.limit is not None and args.limit < 1:
+            raise GptlabError(f"--limit {args.limit}: must be >= 1")
+        if args.batch_size < 1:
+            raise GptlabError(f"--batch-size {args.batch_size}: must be >= 1")
+        device = resolve_device(args.device)
+        dtype = resolve_dtype(args.dtype, device)
+        examples = load_hellaswag(args.input, args.split, progress=not args.json)
+        model, tokenizer = load_model(args.init, device=device)
+        apply_cpu_kernels(model)
+        model.eval()
+        if tokenizer is None or getattr(tokenizer, "name", None) != "gpt2":
+            kind = getattr(tokenizer, "name", "no")
+            raise GptlabError(f"--init {args.init}: HellaSwag needs a GPT-2-tokenizer model, this one has a {kind} "
+                              "tokenizer")
+        if args.compile:
+            model = torch.compile(model)
+        res = evaluate_hellaswag(model, examples, tokenizer, device=device, dtype=dtype, batch_size=args.batch_size,
+                                 limit=args.limit, progress=True)
+        return {"task": "hellaswag", "split": args.split if args.input is None else None, "input": args.input,
+                "init": args.init, **res, "device": str(device), "dtype": str(dtype).removeprefix("torch.")}
+
+    @classmethod
+    def cli_report(cls, res: dict[str, Any], args: argparse.Namespace) -> str:
+        ref = GPT2_HELLASWAG_ACC_NORM.get(str(args.init))
+        extra = (f" (OpenAI reference acc_norm {ref:.4f})"
+                 if ref is not None and res["n"] == HELLASWAG_SIZES["val"] else "")
+        return (f"hellaswag n={res['n']}: acc {res['acc']:.4f} ({res['correct']}), acc_norm {res['acc_norm']:.4f} "
+                f"({res['correct_norm']}){extra} in {res['seconds']:.1f}s")

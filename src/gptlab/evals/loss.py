@@ -21,20 +21,19 @@ mask is 1 (assistant replies) count, as in training; the others are ``IGNORE_IND
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
-
-import numpy as np
-import torch
-import torch.nn.functional as F
+from typing import TYPE_CHECKING, Any
 
 from gptlab.errors import GptlabError
-from gptlab.runtime import unwrap_model
+from gptlab.evals.registry import no_grad
+
+if TYPE_CHECKING:  # torch is imported inside the functions: gptlab eval --help builds this eval's flags
+    import numpy as np
+    import torch
 
 # build-nanogpt's validation budget: 20 steps x 64 sequences x 1024 tokens x 8 GPUs.
 DEFAULT_EVAL_TOKENS = 10_485_760
@@ -83,6 +82,8 @@ def byte_lengths_tensor(tokenizer: Any | None, device: torch.device | str) -> to
     """Bytes per token id as an int64 tensor on ``device`` (None without a tokenizer)."""
     if tokenizer is None:
         return None
+    import torch
+
     from gptlab.tokenizer import token_byte_lengths
 
     return torch.from_numpy(token_byte_lengths(tokenizer)).to(device)
@@ -100,6 +101,8 @@ def _windows(data_dir: Path, split: str, manifest: dict[str, Any], T: int
              ) -> list[tuple[np.ndarray, np.ndarray, int]]:
     """(shard tokens, targets, number of windows) per shard of ``split`` in manifest order; the targets are
     the tokens, or for chat data the tokens with every loss-mask-0 position set to -1 (ignored)."""
+    import numpy as np
+
     from gptlab.data.shards import read_mask, read_shard
 
     out = []
@@ -116,27 +119,31 @@ def _windows(data_dir: Path, split: str, manifest: dict[str, Any], T: int
     return out
 
 
-@torch.no_grad()
+@no_grad
 def evaluate_loss(model: torch.nn.Module, data_dir: str | os.PathLike, *, split: str = "val",
                   val: str | None = None,
                   tokens: int | None = None, seq_len: int | None = None, batch_size: int = 8,
-                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                  device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
                   tokenizer: Any | None = None, progress: bool = False) -> dict[str, Any]:
     """Mean loss of ``model`` over the first ``tokens`` targets of ``split`` (windows: module docstring).
 
     ``tokens`` None means the whole split, capped at :data:`DEFAULT_EVAL_TOKENS`; ``seq_len`` defaults to
     the model's context. Under torch.distributed, window ``i`` is scored by rank ``i % world_size`` and
     the sums are all-reduced, so every rank returns the global result (it is the same number as one
-    process up to float summation order).
+    process up to float summation order). ``dtype`` None is float32.
     """
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
     from tqdm import tqdm
 
     from gptlab.data.shards import open_manifest, verify_cached
-    from gptlab.runtime import autocast
+    from gptlab.runtime import autocast, unwrap_model
 
     t0 = time.perf_counter()
     data_dir = Path(data_dir)
     device = torch.device(device)
+    dtype = dtype or torch.float32
     manifest = open_manifest(data_dir, val)
     cfg = unwrap_model(model).config
     check_tokenizer(manifest, cfg.vocab_size, tokenizer, str(data_dir))
@@ -225,7 +232,7 @@ def evaluate_loss(model: torch.nn.Module, data_dir: str | os.PathLike, *, split:
 # --------------------------------------------------------------------------- during training
 
 
-from gptlab.evals.registry import Eval, EvalContext, EvalOff, register  # noqa: E402
+from gptlab.evals.registry import Curve, Eval, EvalContext, EvalOff, register  # noqa: E402
 
 
 @register
@@ -236,6 +243,12 @@ class ValLoss(Eval):
 
     name = "val"
     every_key = "eval_every"
+    command = "loss"
+    command_help = "mean validation loss (and bits per byte) over the first N tokens of a prepared dataset"
+    curves = (Curve("val_loss", "loss", "Loss", metric="loss"),
+              Curve("val_bpb", "val bits per byte", "Validation bits per byte", metric="bpb", optional=True,
+                    missing=" (validation off, or a run logged before bits per byte were recorded)"))
+    plot_summary = {"last_val_loss": "last", "min_val_loss": "min"}
 
     def __init__(self, ctx: EvalContext) -> None:
         from gptlab.data.loader import LoaderError, TokenLoader
@@ -262,8 +275,11 @@ class ValLoss(Eval):
         tok = dataset_tokenizer(open_manifest(ctx.data_dir, cfg.data.val or None), ctx.data_dir, ctx.tokenizer)
         self.nbytes = byte_lengths_tensor(tok, ctx.device)
 
-    @torch.no_grad()
+    @no_grad
     def run(self, model: torch.nn.Module, ctx: EvalContext) -> list[dict[str, Any]]:
+        import torch
+        import torch.nn.functional as F
+
         from gptlab import dist as gdist
 
         model.eval()
@@ -294,3 +310,50 @@ class ValLoss(Eval):
     def report(self, records: list[dict[str, Any]]) -> str:
         bpb = records[0].get("val_bpb")
         return f"val loss {records[0]['val_loss']:.4f}" + (f", {bpb:.4f} bits/byte" if bpb is not None else "")
+
+    # ----------------------------------------------------------------- gptlab eval loss
+    @classmethod
+    def add_arguments(cls, p: argparse.ArgumentParser) -> None:
+        from gptlab.commands import SRC_HELP, device_arg, json_arg, quantize_arg
+
+        p.add_argument("--init", required=True, help=SRC_HELP)
+        p.add_argument("--data", required=True, help="prepared dataset directory, or a directory or quoted glob of "
+                                                      "llm.c / build-nanogpt shards (val: files named *_val_*)")
+        p.add_argument("--val", default=None, metavar="GLOB", help="validation shards of a manifest-less --data")
+        p.add_argument("--split", default="val")
+        p.add_argument("--tokens", type=int, default=None, help="number of validation tokens (default: all, up to 10M)")
+        p.add_argument("--seq-len", type=int, default=None, help="sequence length (default: the model's context)")
+        p.add_argument("--batch-size", type=int, default=8)
+        p.add_argument("--dtype", default="auto")
+        quantize_arg(p)
+        device_arg(p)
+        json_arg(p)
+
+    @classmethod
+    def run_cli(cls, args: argparse.Namespace) -> dict[str, Any]:
+        """``gptlab eval loss --init SRC --data DIR [--tokens N] [--seq-len T] [--json]``."""
+        from gptlab.data.shards import open_manifest
+        from gptlab.kernels import apply_cpu_kernels
+        from gptlab.loading import load_model
+        from gptlab.runtime import resolve_device, resolve_dtype
+
+        device = resolve_device(args.device)
+        dtype = resolve_dtype(args.dtype, device)
+        open_manifest(args.data, args.val)  # a bad --data fails before the (possibly slow) model load
+        model, tokenizer = load_model(args.init, device=device)
+        if args.quantize:
+            from gptlab.quantize import quantize_model
+
+            quantize_model(model, args.quantize)
+        apply_cpu_kernels(model)  # after quantizing: quantized layers are not nn.Linear and stay
+        res = evaluate_loss(model, args.data, split=args.split, val=args.val, tokens=args.tokens,
+                            seq_len=args.seq_len, batch_size=args.batch_size, device=device, dtype=dtype,
+                            tokenizer=tokenizer, progress=not args.json)
+        return {"task": "loss", "init": args.init, **res, "device": str(device),
+                "dtype": str(dtype).removeprefix("torch."), "quantize": args.quantize}
+
+    @classmethod
+    def cli_report(cls, res: dict[str, Any], args: argparse.Namespace) -> str:
+        bpb = f", {res['bpb']:.4f} bits per byte" if res.get("bpb") is not None else ""
+        return (f"{res['split']} loss {res['loss']:.4f}{bpb} (perplexity {res['perplexity']:.2f}) over "
+                f"{res['tokens']:,} tokens ({res['windows']} windows of {res['seq_len']}) in {res['seconds']:.1f}s")

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from gptlab.evals.registry import Eval, EvalContext, EvalOff, register
+
+if TYPE_CHECKING:
+    import torch
 
 
 def sample_texts(model: torch.nn.Module, tokenizer: Any, ctx: EvalContext) -> list[str]:
