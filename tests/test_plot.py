@@ -86,9 +86,9 @@ def test_tokens_axis_log_scale_and_other_formats(tmp_path):
 
 
 def test_tokens_axis_values():
-    run = plot.Run(name="r", path=plot.Path("."), train=plot.Series([1, 2, 5], [3.0, 2.0, 1.0], [None] * 3),
-                   val=plot.Series(), hellaswag=plot.Series(), batch_tokens=1000)
-    assert plot._xs(run, run.train, "tokens") == [1000.0, 2000.0, 5000.0]
+    run = plot.Run(name="r", path=plot.Path("."), series={"train": plot.Series([1, 2, 5], [3.0, 2.0, 1.0], [None] * 3)},
+                   batch_tokens=1000)
+    assert plot._xs(run, run.get("train"), "tokens") == [1000.0, 2000.0, 5000.0]
     logged = plot.Series([1, 2], [3.0, 2.0], [512.0, 1024.0])  # the trainer's own count wins
     assert plot._xs(run, logged, "tokens") == [512.0, 1024.0]
 
@@ -100,7 +100,7 @@ def test_garbled_lines_are_skipped_with_a_count(tmp_path, capsys):
     a = _make_run(tmp_path, "a", extra_lines=bad)
     run = plot.load_run(a)
     assert run.skipped == len(bad)
-    assert len(run.train.steps) == 30 and run.train.steps == sorted(run.train.steps)
+    assert len(run.get("train").steps) == 30 and run.get("train").steps == sorted(run.get("train").steps)
     summary = plot.plot_runs([a], tmp_path / "c.png")
     assert summary["runs"][0]["skipped_lines"] == len(bad)
     assert f"skipped {len(bad)} garbled" in capsys.readouterr().err
@@ -109,7 +109,7 @@ def test_garbled_lines_are_skipped_with_a_count(tmp_path, capsys):
 def test_repeated_steps_keep_the_last_record(tmp_path):
     a = _make_run(tmp_path, "a", steps=5, extra_lines=[json.dumps({"kind": "train", "step": 3, "loss": 99.0})])
     run = plot.load_run(a / "metrics.jsonl")  # a metrics file path works too
-    assert run.train.steps == [1, 2, 3, 4, 5] and run.train.values[2] == 99.0
+    assert run.get("train").steps == [1, 2, 3, 4, 5] and run.get("train").values[2] == 99.0
 
 
 def test_ema_matches_weighted_average():

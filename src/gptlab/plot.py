@@ -1,17 +1,19 @@
-"""Training curves of one or more runs: loss (train + val) and HellaSwag, with GPT-2 / GPT-3 baselines.
+"""Training curves of one or more runs: the loss (train + val) and every registered eval's curves, with
+GPT-2 / GPT-3 baselines.
 
-Reads each run dir's ``metrics.jsonl`` (``{"kind": "train"|"val"|"hellaswag", "step", ...}``) and
-``config.json``. The loss panel draws the raw train loss faintly, an EMA-smoothed copy on top, and the
-validation loss with markers; the HellaSwag panel draws ``acc_norm``. Horizontal lines mark OpenAI's
-checkpoints: HellaSwag GPT-2 124M / GPT-3 125M always, a val-loss line only when the run's dataset is
-one whose GPT-2 124M val loss is known. With ``metric="bpb"`` the first panel is validation bits per
-byte (``val_bpb``) instead, the one number comparable across tokenizers. matplotlib is imported lazily with the Agg backend, so plotting
-works on headless machines.
+Reads each run dir's ``metrics.jsonl`` (``{"kind": "train"|"val"|"hellaswag"|..., "step", ...}``) and
+``config.json``. What is drawn comes from the eval registry (:mod:`gptlab.evals.registry`): each eval's
+``curves`` name the record fields, so a new eval's records are plotted without a change here. The first
+panel is the ``--metric``: for ``loss`` the raw train loss faintly, an EMA-smoothed copy on top, and the
+validation loss with markers, plus a line for GPT-2 124M's val loss when the run's dataset is one where it
+is known; for ``bpb`` validation bits per byte (``val_bpb``), the one number comparable across
+tokenizers. Every other curve gets a panel of its own (HellaSwag ``acc_norm`` always, with GPT-2 124M /
+GPT-3 125M lines; others when a run logged them). matplotlib is imported lazily with the Agg backend, so
+plotting works on headless machines.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -21,7 +23,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from gptlab.errors import GptlabError
-from gptlab.evals import GPT2_HELLASWAG_ACC_NORM, GPT3_HELLASWAG_ACC_NORM
+from gptlab.evals.registry import Curve, Eval, curve, registered
 
 # Val loss of OpenAI's GPT-2 124M checkpoint, per dataset family (prefix of the dataset name):
 # FineWeb-Edu from build-nanogpt's training chart, OpenWebText from nanoGPT's README baseline table.
@@ -29,11 +31,8 @@ LOSS_BASELINES: dict[str, tuple[float, str]] = {
     "fineweb_edu": (3.2924, "GPT-2 124M val loss (FineWeb-Edu)"),
     "openwebtext": (3.12, "GPT-2 124M val loss (OpenWebText)"),
 }
-HELLASWAG_BASELINES: list[tuple[float, str, str]] = [
-    (GPT2_HELLASWAG_ACC_NORM["gpt2"], "GPT-2 124M", "tab:red"),
-    (GPT3_HELLASWAG_ACC_NORM["gpt3-125m"], "GPT-3 125M", "tab:green"),
-]
-KINDS = ("train", "val", "hellaswag")
+LOSS = "loss"  # the metric drawn beside the trainer's own train loss (records of kind "train")
+TRAIN_LOSS = Curve("loss", "loss", "Loss", metric=LOSS)
 
 
 class PlotError(GptlabError, ValueError):
@@ -53,16 +52,53 @@ class Series:
 class Run:
     name: str
     path: Path
-    train: Series
-    val: Series
-    hellaswag: Series
+    series: dict[str, Series]  # by record kind: "train" and each plotted eval's name
     dataset: str | None = None
     batch_tokens: int | None = None
     skipped: int = 0  # garbled or incomplete lines
 
+    def get(self, kind: str) -> Series:
+        return self.series.get(kind) or Series()
+
     @property
     def empty(self) -> bool:
-        return not (self.train.steps or self.val.steps or self.hellaswag.steps)
+        return not any(s.steps for s in self.series.values())
+
+
+def _or(words: Sequence[str]) -> str:
+    return f"{', '.join(words[:-1])} or {words[-1]}" if len(words) > 1 else "".join(words)
+
+
+def plotted_evals() -> list[type[Eval]]:
+    """The registered evals that declare curves, in registry order."""
+    return [cls for cls in registered() if cls.curves]
+
+
+def kinds() -> list[str]:
+    """Every record kind a plot may draw: the train loss and each plotted eval."""
+    return ["train", *(cls.name for cls in plotted_evals())]
+
+
+def metrics() -> list[str]:
+    """The ``--metric`` choices: each metric a registered eval's curve declares."""
+    return list(dict.fromkeys(c.metric for cls in plotted_evals() for c in cls.curves if c.metric))
+
+
+def metric_help() -> str:
+    """The ``--metric`` choices with what each draws, e.g. ``loss (train + val, nats/token) or bpb (...)``."""
+    helps: dict[str, str] = {}
+    for c in (c for cls in plotted_evals() for c in cls.curves if c.metric):
+        helps.setdefault(c.metric, c.help)
+    return _or([f"{m} ({helps[m]})" if helps[m] else m for m in metrics()])
+
+
+def _curves(metric: str) -> dict[str, Curve]:
+    """The curve of each record kind drawn in a plot of ``metric``, in registry order."""
+    out = {"train": TRAIN_LOSS} if metric == LOSS else {}
+    for cls in plotted_evals():
+        if (c := curve(cls, metric)) is not None:
+            out[cls.name] = c
+    return out
 
 
 def _finite(x: Any) -> float | None:
@@ -101,27 +137,26 @@ def loss_baseline(dataset: str | None) -> tuple[float, str] | None:
     return None
 
 
-METRICS = ("loss", "bpb")
-
-
-def load_run(run_dir: str | os.PathLike, metric: str = "loss") -> Run:
+def load_run(run_dir: str | os.PathLike, metric: str = LOSS) -> Run:
     """Parse a run dir (or its ``metrics.jsonl``); bad lines are counted in ``Run.skipped``, not fatal.
 
-    ``metric="bpb"``: the val series is ``val_bpb`` and there is no train series (train loss is per token).
+    Each kind's series is the field of its curve for ``metric`` (``metric="bpb"``: the val series is
+    ``val_bpb`` and there is no train series, train loss being per token).
     """
     p = Path(run_dir)
-    metrics = p if p.is_file() else p / "metrics.jsonl"
-    root = metrics.parent
+    metrics_file = p if p.is_file() else p / "metrics.jsonl"
+    root = metrics_file.parent
     if not p.exists():
         raise PlotError(f"{p}: run directory not found")
-    if not metrics.is_file():
-        raise PlotError(f"{metrics}: no metrics.jsonl (is {root} a gptlab run directory?)")
+    if not metrics_file.is_file():
+        raise PlotError(f"{metrics_file}: no metrics.jsonl (is {root} a gptlab run directory?)")
     config = _read_json(root / "config.json")
     batch = config.get("batch") if isinstance(config.get("batch"), dict) else {}
     bt = batch.get("batch_tokens")
-    by_kind: dict[str, dict[int, tuple[float, float | None]]] = {k: {} for k in KINDS}
+    curves = _curves(metric)
+    by_kind: dict[str, dict[int, tuple[float, float | None]]] = {k: {} for k in curves}
     skipped = 0
-    with metrics.open(encoding="utf-8", errors="replace") as f:
+    with metrics_file.open(encoding="utf-8", errors="replace") as f:
         for line in f:
             if not line.strip():
                 continue
@@ -133,20 +168,17 @@ def load_run(run_dir: str | os.PathLike, metric: str = "loss") -> Run:
             if not isinstance(rec, dict) or not isinstance(rec.get("kind"), str):
                 skipped += 1
                 continue
-            if rec["kind"] not in KINDS:  # "sample" and future kinds: not plotted, not an error
+            c = curves.get(rec["kind"])
+            if c is None:  # "sample", kinds without curves, other metrics: not plotted, not an error
                 continue
-            kind = rec["kind"]
-            if metric == "bpb" and kind == "train":
-                continue
-            if metric == "bpb" and kind == "val" and rec.get("val_bpb") is None:
-                continue  # a validation without bits per byte (no tokenizer to count bytes): nothing to draw
+            if c.optional and rec.get(c.field) is None:
+                continue  # e.g. a validation without bits per byte (no tokenizer to count bytes)
             step = rec.get("step")
-            key = {"train": "loss", "val": "val_bpb" if metric == "bpb" else "val_loss", "hellaswag": "acc_norm"}[kind]
-            value = _finite(rec.get(key))
+            value = _finite(rec.get(c.field))
             if isinstance(step, bool) or not isinstance(step, int) or value is None:
                 skipped += 1
                 continue
-            by_kind[kind][step] = (value, _finite(rec.get("tokens")))
+            by_kind[rec["kind"]][step] = (value, _finite(rec.get("tokens")))
     series = {}
     for kind, points in by_kind.items():
         s = Series()
@@ -155,8 +187,7 @@ def load_run(run_dir: str | os.PathLike, metric: str = "loss") -> Run:
             s.values.append(points[step][0])
             s.tokens.append(points[step][1])
         series[kind] = s
-    return Run(name=root.resolve().name, path=root, train=series["train"], val=series["val"],
-               hellaswag=series["hellaswag"], dataset=run_dataset(config),
+    return Run(name=root.resolve().name, path=root, series=series, dataset=run_dataset(config),
                batch_tokens=int(bt) if isinstance(bt, int) and bt > 0 else None, skipped=skipped)
 
 
@@ -183,33 +214,49 @@ def _xs(run: Run, s: Series, x: str) -> list[float]:
     return [float(t * run.batch_tokens) for t in s.steps]
 
 
+STATS = {"last": lambda v: v[-1], "min": min, "max": max}
+
+
 def plot_runs(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike, *, x: str = "step", log: bool = False,
-              smooth: float = 0.9, title: str | None = None, dpi: int = 100, metric: str = "loss") -> dict[str, Any]:
-    """Draw the two-panel figure for ``run_dirs`` into ``out`` (format from its suffix); return a summary."""
+              smooth: float = 0.9, title: str | None = None, dpi: int = 100, metric: str = LOSS) -> dict[str, Any]:
+    """Draw the figure for ``run_dirs`` into ``out`` (format from its suffix); return a summary.
+
+    One panel for ``metric``, then one per own-panel curve of the registered evals (those with an
+    ``empty`` note always, the others when a run logged them); 6 x 4.5 inches a panel.
+    """
     if Path(out).is_dir():
         raise PlotError(f"--out {out}: is a directory; give an image file, e.g. --out {Path(out) / 'loss.png'}")
     if x not in ("step", "tokens"):
         raise PlotError(f"--x {x}: expected step or tokens")
-    if metric not in METRICS:
-        raise PlotError(f"--metric {metric}: expected {' or '.join(METRICS)}")
+    if metric not in metrics():
+        raise PlotError(f"--metric {metric}: expected {' or '.join(metrics())}")
     if not 0.0 <= smooth < 1.0:
         raise PlotError(f"--smooth {smooth}: must be in [0, 1) (0 = no smoothing)")
     runs = [load_run(d, metric) for d in run_dirs]
-    if metric == "bpb" and not any(r.val.steps for r in runs):
-        raise PlotError(f"no val_bpb records in {', '.join(str(r.path / 'metrics.jsonl') for r in runs)} (validation "
-                        "off, or a run logged before bits per byte were recorded); plot --metric loss instead")
+    curves = _curves(metric)
+    first = {k: c for k, c in curves.items() if k != "train" and c.metric == metric}
+    panels = {k: c for k, c in curves.items() if c.metric is None}
+
+    def logged(kind: str) -> bool:
+        return any(r.get(kind).steps for r in runs)
+
+    files = ", ".join(str(r.path / "metrics.jsonl") for r in runs)
+    if metric != LOSS and not any(logged(k) for k in first):
+        c = next(iter(first.values()))
+        raise PlotError(f"no {c.field} records in {files}{c.missing}; plot --metric {LOSS} instead")
     for r in runs:
         if r.skipped:
             print(f"gptlab plot: warning: {r.path / 'metrics.jsonl'}: skipped {r.skipped} garbled or incomplete "
                   "line(s)", file=sys.stderr)
         elif r.empty:
-            print(f"gptlab plot: warning: {r.path / 'metrics.jsonl'}: no train/val/hellaswag records", file=sys.stderr)
+            print(f"gptlab plot: warning: {r.path / 'metrics.jsonl'}: no {'/'.join(kinds())} records",
+                  file=sys.stderr)
     if all(r.empty for r in runs):
-        raise PlotError(f"no train, val or hellaswag records in {', '.join(str(r.path / 'metrics.jsonl') for r in runs)}"
-                        " (has the run logged a step yet?)")
+        raise PlotError(f"no {_or(kinds())} records in {files} (has the run logged a step yet?)")
     names = [r.name for r in runs]
     if len(set(names)) < len(names):  # two runs both called e.g. "quickstart": show their parents
         names = [f"{r.path.resolve().parent.name}/{r.name}" for r in runs]
+    shown = {k: c for k, c in panels.items() if c.empty is not None or logged(k)}
 
     import matplotlib
 
@@ -217,50 +264,53 @@ def plot_runs(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike, *, 
     import matplotlib.pyplot as plt
 
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    fig, (ax_loss, ax_hs) = plt.subplots(1, 2, figsize=(12, 4.5), dpi=dpi)
+    fig, axes = plt.subplots(1, 1 + len(shown), figsize=(6 * (1 + len(shown)), 4.5), dpi=dpi, squeeze=False)
+    ax_loss, *ax_panels = axes[0]
+    ax_of = dict(zip(shown, ax_panels))
     xlabel = "step" if x == "step" else "tokens"
     baselines: dict[float, str] = {}
     for i, (run, name) in enumerate(zip(runs, names)):
         c = colors[i % len(colors)]
-        if run.train.steps:
-            xs = _xs(run, run.train, x)
+        train = run.get("train")
+        if train.steps:
+            xs = _xs(run, train, x)
             if smooth > 0:
-                ax_loss.plot(xs, run.train.values, color=c, alpha=0.25, linewidth=0.8)
-                ax_loss.plot(xs, ema(run.train.values, smooth), color=c, linewidth=1.5, label=f"{name} train")
+                ax_loss.plot(xs, train.values, color=c, alpha=0.25, linewidth=0.8)
+                ax_loss.plot(xs, ema(train.values, smooth), color=c, linewidth=1.5, label=f"{name} train")
             else:
-                ax_loss.plot(xs, run.train.values, color=c, linewidth=1.2, label=f"{name} train")
-        if run.val.steps:
-            ax_loss.plot(_xs(run, run.val, x), run.val.values, color=c, linestyle="--", marker="o", markersize=3,
-                         linewidth=1.2, label=f"{name} val")
-        if run.hellaswag.steps:
-            ax_hs.plot(_xs(run, run.hellaswag, x), run.hellaswag.values, color=c, marker="o", markersize=3,
-                       linewidth=1.2, label=name)
-        base = loss_baseline(run.dataset) if metric == "loss" else None
+                ax_loss.plot(xs, train.values, color=c, linewidth=1.2, label=f"{name} train")
+        for kind in first:
+            if (s := run.get(kind)).steps:
+                ax_loss.plot(_xs(run, s, x), s.values, color=c, linestyle="--", marker="o", markersize=3,
+                             linewidth=1.2, label=f"{name} {kind}")
+        for kind, ax in ax_of.items():
+            if (s := run.get(kind)).steps:
+                ax.plot(_xs(run, s, x), s.values, color=c, marker="o", markersize=3, linewidth=1.2, label=name)
+        base = loss_baseline(run.dataset) if metric == LOSS else None
         if base is not None:
             baselines[base[0]] = base[1]
     for value, label in baselines.items():
         ax_loss.axhline(value, color="tab:red", linestyle=":", linewidth=1.2, label=f"{label} {value:.4g}")
     if log:
         ax_loss.set_yscale("log")
-    if metric == "bpb":
-        ax_loss.set(xlabel=xlabel, ylabel="val bits per byte", title="Validation bits per byte")
-    else:
-        ax_loss.set(xlabel=xlabel, ylabel="loss", title="Loss")
+    head = next(iter(first.values()))
+    ax_loss.set(xlabel=xlabel, ylabel=head.ylabel, title=head.title)
     ax_loss.grid(alpha=0.3)
     if ax_loss.lines:
         ax_loss.legend(fontsize=8)
 
-    has_hs = any(r.hellaswag.steps for r in runs)
-    if has_hs:
-        ax_hs.axhline(0.25, color="gray", linestyle=":", linewidth=1.0, label="random 0.25")  # 4 endings
-        for value, label, color in HELLASWAG_BASELINES:
-            ax_hs.axhline(value, color=color, linestyle=":", linewidth=1.2, label=f"{label} {value:.4g}")
-        ax_hs.legend(fontsize=8)
-    else:
-        ax_hs.text(0.5, 0.5, "no HellaSwag evaluations logged\n(they need a GPT-2-tokenizer model\nand eval.hellaswag_every > 0)",
-                   ha="center", va="center", transform=ax_hs.transAxes, color="gray")
-    ax_hs.set(xlabel=xlabel, ylabel="acc_norm", title="HellaSwag (completion style)")
-    ax_hs.grid(alpha=0.3)
+    for kind, ax in ax_of.items():
+        c = shown[kind]
+        if logged(kind):
+            if c.chance is not None:
+                ax.axhline(c.chance, color="gray", linestyle=":", linewidth=1.0, label=f"random {c.chance:.4g}")
+            for value, label, color in c.baselines:
+                ax.axhline(value, color=color, linestyle=":", linewidth=1.2, label=f"{label} {value:.4g}")
+            ax.legend(fontsize=8)
+        else:
+            ax.text(0.5, 0.5, c.empty, ha="center", va="center", transform=ax.transAxes, color="gray")
+        ax.set(xlabel=xlabel, ylabel=c.ylabel, title=c.title)
+        ax.grid(alpha=0.3)
     if title:
         fig.suptitle(title)
     fig.tight_layout()
@@ -278,14 +328,19 @@ def plot_runs(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike, *, 
         plt.close(fig)
         tmp.unlink(missing_ok=True)
 
-    def last(s: Series) -> float | None:
-        return s.values[-1] if s.values else None
+    evals = plotted_evals()
 
-    return {"out": str(out), "x": x, "metric": metric, "loss_baselines": sorted(baselines), "hellaswag_baselines":
-            [v for v, _, _ in HELLASWAG_BASELINES] if has_hs else [], "runs": [
-        {"name": name, "dir": str(r.path), "dataset": r.dataset, "train_points": len(r.train.steps),
-         "val_points": len(r.val.steps), "hellaswag_points": len(r.hellaswag.steps), "skipped_lines": r.skipped,
-         "last_train_loss": last(r.train), "last_val_loss": last(r.val),
-         "min_val_loss": min(r.val.values) if r.val.values else None,
-         "max_acc_norm": max(r.hellaswag.values) if r.hellaswag.values else None}
-        for r, name in zip(runs, names)]}
+    def run_summary(r: Run, name: str) -> dict[str, Any]:
+        train = r.get("train")
+        d: dict[str, Any] = {"name": name, "dir": str(r.path), "dataset": r.dataset, "train_points": len(train.steps)}
+        d.update({f"{cls.name}_points": len(r.get(cls.name).steps) for cls in evals})
+        d.update(skipped_lines=r.skipped, last_train_loss=train.values[-1] if train.values else None)
+        for cls in evals:
+            values = r.get(cls.name).values
+            d.update({key: STATS[stat](values) if values else None for key, stat in cls.plot_summary.items()})
+        return d
+
+    return {"out": str(out), "x": x, "metric": metric, "loss_baselines": sorted(baselines),
+            **{f"{kind}_baselines": [v for v, _, _ in c.baselines] if logged(kind) else []
+               for kind, c in panels.items()},
+            "runs": [run_summary(r, name) for r, name in zip(runs, names)]}

@@ -245,8 +245,9 @@ class ValLoss(Eval):
     every_key = "eval_every"
     command = "loss"
     command_help = "mean validation loss (and bits per byte) over the first N tokens of a prepared dataset"
-    curves = (Curve("val_loss", "loss", "Loss", metric="loss"),
-              Curve("val_bpb", "val bits per byte", "Validation bits per byte", metric="bpb", optional=True,
+    curves = (Curve("val_loss", "loss", "Loss", metric="loss", help="train + val, nats/token"),
+              Curve("val_bpb", "val bits per byte", "Validation bits per byte", metric="bpb",
+                    help="val bits per byte, comparable across tokenizers", optional=True,
                     missing=" (validation off, or a run logged before bits per byte were recorded)"))
     plot_summary = {"last_val_loss": "last", "min_val_loss": "min"}
 

@@ -98,6 +98,7 @@ class Curve:
     # A --metric choice: the curve goes in the first panel (beside the train loss when the metric is
     # "loss"); None: a panel of its own.
     metric: str | None = None
+    help: str = ""  # of a --metric choice, in ``gptlab plot --help``
     # A record without the field is skipped silently (an older run, no tokenizer), not counted as garbled.
     optional: bool = False
     missing: str = ""  # why a --metric choice may have no records, for the error when no run has any
