@@ -17,7 +17,7 @@ import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator, Callable, Iterable
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
@@ -462,42 +462,61 @@ def _sse(obj: Any) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-async def _stream(state: ServerState, req: CompletionRequest, rows: list[Row], t0: float, cid: str, created: int,
-                  engine: Any, echo_part: Callable, usage: Callable, n_top: int) -> AsyncIterator[str]:
-    def chunk(index: int, text: str, lp: Any, finish: str | None) -> str:
-        return _sse({"id": cid, "object": "text_completion", "created": created, "model": engine.name,
-                     "choices": [{"index": index, "text": text, "logprobs": lp, "finish_reason": finish}]})
-
-    offsets: dict[int, int] = {}
+async def sse_stream(state: ServerState, rows: list[Row], t0: float, base: dict[str, Any],
+                     head: Callable[[], Iterable[str]], on_event: Callable[[Row, Any, bool], str | None],
+                     usage: Callable[[], dict[str, Any]] | None) -> AsyncIterator[str]:
+    """The server-sent events of a streamed completion or chat completion: ``head()``'s chunks (before any
+    token), then ``on_event(row, event, has_token)``'s chunk per engine event (the token id is already in
+    ``row.ids``), the usage chunk when ``usage`` is given, and ``[DONE]``. ``base``: the fields every chunk
+    carries (id, object, created, model)."""
     events = run_rows(state, rows, t0)
     try:
-        for r in rows:
-            head, head_lp = echo_part(r)
-            offsets[r.index] = len(head)
-            if head or r.handle is None:
-                yield chunk(r.index, head, head_lp, r.finish_reason if r.handle is None else None)
+        for line in head():
+            yield line
         async for row, ev in events:
-            lp = None
             has_token = getattr(ev, "token_id", None) is not None and ev.token_id >= 0
             if has_token:
                 row.ids.append(int(ev.token_id))
-            text = ev.text or ""
-            if req.logprobs is not None and has_token:
-                lp = logprobs_json(engine, [int(ev.token_id)], [ev.logprob], [event_top(ev)], n_top,
-                                   offsets[row.index])
-            offsets[row.index] += len(text)
-            # One chunk per token even when its text is held back (half a character, a possible stop
-            # string): clients count tokens and time inter-token latency from the chunks.
-            if text or has_token or ev.finish_reason is not None:
-                yield chunk(row.index, text, lp, ev.finish_reason)
-        if req.stream_options is not None and req.stream_options.include_usage:
-            yield _sse({"id": cid, "object": "text_completion", "created": created, "model": engine.name,
-                        "choices": [], "usage": usage()})
+            line = on_event(row, ev, has_token)
+            if line is not None:
+                yield line
+        if usage is not None:
+            yield _sse({**base, "choices": [], "usage": usage()})
     except Exception as e:  # noqa: BLE001 - headers are sent: report in-band, then end the stream
         yield _sse(APIError(500, f"generation failed: {type(e).__name__}: {e}", type="server_error").body())
     finally:
         await events.aclose()
     yield "data: [DONE]\n\n"
+
+
+def _stream(state: ServerState, req: CompletionRequest, rows: list[Row], t0: float, cid: str, created: int,
+            engine: Any, echo_part: Callable, usage: Callable, n_top: int) -> AsyncIterator[str]:
+    base = {"id": cid, "object": "text_completion", "created": created, "model": engine.name}
+
+    def chunk(index: int, text: str, lp: Any, finish: str | None) -> str:
+        return _sse({**base, "choices": [{"index": index, "text": text, "logprobs": lp, "finish_reason": finish}]})
+
+    offsets: dict[int, int] = {}
+
+    def head() -> Iterable[str]:
+        for r in rows:
+            text, lp = echo_part(r)
+            offsets[r.index] = len(text)
+            if text or r.handle is None:
+                yield chunk(r.index, text, lp, r.finish_reason if r.handle is None else None)
+
+    def on_event(row: Row, ev: Any, has_token: bool) -> str | None:
+        text, lp = ev.text or "", None
+        if req.logprobs is not None and has_token:
+            lp = logprobs_json(engine, [int(ev.token_id)], [ev.logprob], [event_top(ev)], n_top, offsets[row.index])
+        offsets[row.index] += len(text)
+        # One chunk per token even when its text is held back (half a character, a possible stop
+        # string): clients count tokens and time inter-token latency from the chunks.
+        return chunk(row.index, text, lp, ev.finish_reason) if text or has_token or ev.finish_reason is not None \
+            else None
+
+    with_usage = req.stream_options is not None and req.stream_options.include_usage
+    return sse_stream(state, rows, t0, base, head, on_event, usage if with_usage else None)
 
 
 async def read_body(request: Request) -> bytes:

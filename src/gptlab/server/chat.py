@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, AsyncIterator, Optional, Union
+from typing import Any, AsyncIterator, Iterable, Optional, Union
 
 from pydantic import BaseModel, ConfigDict
 
@@ -161,39 +161,33 @@ async def chat_completions(app_state: Any, engine: Any, req: ChatCompletionReque
                          "choices": choices, "usage": usage()})
 
 
-async def _stream(app_state: Any, engine: Any, chat: ChatBody, rows: list[Any], t0: float, cid: str, created: int,
-                  usage: Any, n_top: int) -> AsyncIterator[str]:
-    from gptlab.server.app import _sse, event_top, run_rows
+def _stream(app_state: Any, engine: Any, chat: ChatBody, rows: list[Any], t0: float, cid: str, created: int,
+            usage: Any, n_top: int) -> AsyncIterator[str]:
+    from gptlab.server.app import _sse, event_top, sse_stream
+
+    base = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": engine.name}
 
     def chunk(index: int, delta: dict[str, Any], finish: str | None, lp: Any = None) -> str:
-        return _sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": engine.name,
-                     "choices": [{"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish}]})
+        return _sse({**base, "choices": [{"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish}]})
 
     started: set[int] = set()
-    events = run_rows(app_state, rows, t0)
-    try:
+
+    def head() -> Iterable[str]:
         for r in rows:
             if r.handle is None:  # max_tokens 0: nothing to generate
                 started.add(r.index)
                 yield chunk(r.index, {"role": "assistant", "content": ""}, r.finish_reason)
-        async for row, ev in events:
-            has_token = getattr(ev, "token_id", None) is not None and ev.token_id >= 0
-            if has_token:
-                row.ids.append(int(ev.token_id))
-            delta: dict[str, Any] = {"content": ev.text or ""}
-            if row.index not in started:  # the role rides on the first chunk: one chunk per token
-                started.add(row.index)
-                delta = {"role": "assistant", **delta}
-            lp = None
-            if chat.logprobs and has_token:
-                lp = _logprobs(engine, [int(ev.token_id)], [ev.logprob], [event_top(ev)], n_top)
-            if ev.text or has_token or ev.finish_reason is not None:
-                yield chunk(row.index, delta, ev.finish_reason, lp)
-        if chat.stream_options is not None and chat.stream_options.include_usage:
-            yield _sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": engine.name,
-                        "choices": [], "usage": usage()})
-    except Exception as e:  # noqa: BLE001 - headers are sent: report in-band, then end the stream
-        yield _sse(APIError(500, f"generation failed: {type(e).__name__}: {e}", type="server_error").body())
-    finally:
-        await events.aclose()
-    yield "data: [DONE]\n\n"
+
+    def on_event(row: Any, ev: Any, has_token: bool) -> str | None:
+        delta: dict[str, Any] = {"content": ev.text or ""}
+        if row.index not in started:  # the role rides on the first chunk: one chunk per token
+            started.add(row.index)
+            delta = {"role": "assistant", **delta}
+        lp = None
+        if chat.logprobs and has_token:
+            lp = _logprobs(engine, [int(ev.token_id)], [ev.logprob], [event_top(ev)], n_top)
+        return chunk(row.index, delta, ev.finish_reason, lp) if ev.text or has_token or ev.finish_reason is not None \
+            else None
+
+    with_usage = chat.stream_options is not None and chat.stream_options.include_usage
+    return sse_stream(app_state, rows, t0, base, head, on_event, usage if with_usage else None)
