@@ -128,6 +128,19 @@ def test_hf_llama_qwen3_import_logits_equal(tmp_path, model_type):
         assert (model(x)[0] - ref(x).logits).abs().max().item() <= 1e-5
 
 
+
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_llama_qwen3_export_loads_in_transformers_with_equal_logits(tmp_path, qk_norm):
+    """The other direction: a gptlab RoPE / RMSNorm / SwiGLU model with GQA (qk_norm: Qwen3) exported, then
+    loaded by transformers, gives equal logits; every weight perturbed so a swapped q/k/v or gate/up shows."""
+    model = _gptlab(n_kv_head=2, **{**MODERN_ARCH, "qk_norm": qk_norm})
+    hf.export_hf(model, None, tmp_path / "out")
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert ref.config.model_type == ("qwen3" if qk_norm else "llama")
+    x = _tokens(32)
+    with torch.no_grad():
+        assert (model(x)[0] - ref(x).logits).abs().max().item() <= 1e-5
+
 # The published config.json of openai-community/gpt2 (the others differ only in n_embd/n_head/n_layer).
 OPENAI_GPT2_CONFIG = {
     "activation_function": "gelu_new", "architectures": ["GPT2LMHeadModel"], "attn_pdrop": 0.1,

@@ -76,28 +76,37 @@ class LlamaAdapter(HFAdapter):
             tie_embeddings=bool(hf.get("tie_word_embeddings", False)), dropout=0.0,
         )
 
+    @staticmethod
+    def layer_names(config: ModelConfig, i: int
+                    ) -> tuple[list[tuple[str, str]], list[tuple[str, list[str], list[int]]]]:
+        """Layer ``i``'s tensor names, one table for both directions: ``(gptlab, HF)`` pairs that are the same
+        tensor, and ``(gptlab, [HF, ...], rows)`` where gptlab's fused tensor is the HF ones concatenated
+        along dim 0 (``rows`` each)."""
+        g, h = f"transformer.h.{i}.", f"model.layers.{i}."
+        hs, nh, nkv, hid = config.head_dim, config.n_head, config.kv_heads, config.hidden_dim
+        same = [("ln_1.weight", "input_layernorm.weight"), ("ln_2.weight", "post_attention_layernorm.weight")]
+        if config.qk_norm:
+            same += [("attn.q_norm.weight", "self_attn.q_norm.weight"),
+                     ("attn.k_norm.weight", "self_attn.k_norm.weight")]
+        fused = []
+        for p in ["weight"] + (["bias"] if config.bias else []):
+            same += [(f"attn.c_proj.{p}", f"self_attn.o_proj.{p}"), (f"mlp.c_proj.{p}", f"mlp.down_proj.{p}")]
+            fused += [(f"attn.c_attn.{p}", [f"self_attn.{n}_proj.{p}" for n in "qkv"], [nh * hs, nkv * hs, nkv * hs]),
+                      (f"mlp.c_fc.{p}", [f"mlp.gate_proj.{p}", f"mlp.up_proj.{p}"], [hid, hid])]
+        return ([(g + a, h + b) for a, b in same],
+                [(g + a, [h + b for b in bs], rows) for a, bs, rows in fused])
+
     def to_hf(self, state: Mapping[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
         V = config.vocab_size
-        hs, nh, nkv, hid = config.head_dim, config.n_head, config.kv_heads, config.hidden_dim
         out = {"model.embed_tokens.weight": state["transformer.wte.weight"][:V],
                "model.norm.weight": state["transformer.ln_f.weight"]}
         if not config.tie_embeddings:
             out["lm_head.weight"] = state["lm_head.weight"][:V]
         for i in range(config.n_layer):
-            g, h = f"transformer.h.{i}.", f"model.layers.{i}."
-            out[h + "input_layernorm.weight"] = state[g + "ln_1.weight"]
-            out[h + "post_attention_layernorm.weight"] = state[g + "ln_2.weight"]
-            if config.qk_norm:
-                out[h + "self_attn.q_norm.weight"] = state[g + "attn.q_norm.weight"]
-                out[h + "self_attn.k_norm.weight"] = state[g + "attn.k_norm.weight"]
-            for p in ["weight"] + (["bias"] if config.bias else []):
-                q, k, v = state[g + f"attn.c_attn.{p}"].split([nh * hs, nkv * hs, nkv * hs], dim=0)
-                out[h + f"self_attn.q_proj.{p}"], out[h + f"self_attn.k_proj.{p}"] = q, k
-                out[h + f"self_attn.v_proj.{p}"] = v
-                out[h + f"self_attn.o_proj.{p}"] = state[g + f"attn.c_proj.{p}"]
-                gate, up = state[g + f"mlp.c_fc.{p}"].split([hid, hid], dim=0)
-                out[h + f"mlp.gate_proj.{p}"], out[h + f"mlp.up_proj.{p}"] = gate, up
-                out[h + f"mlp.down_proj.{p}"] = state[g + f"mlp.c_proj.{p}"]
+            same, fused = self.layer_names(config, i)
+            out.update({theirs: state[ours] for ours, theirs in same})
+            for ours, theirs, rows in fused:
+                out.update(zip(theirs, state[ours].split(rows, dim=0)))
         return out
 
     def from_hf(self, sd: dict[str, torch.Tensor], config: ModelConfig, where: str) -> dict[str, torch.Tensor]:
@@ -107,17 +116,10 @@ class LlamaAdapter(HFAdapter):
         out["lm_head.weight"] = (out["transformer.wte.weight"] if config.tie_embeddings
                                  else pad_rows(sd["lm_head.weight"], Vp))
         for i in range(config.n_layer):
-            g, h = f"transformer.h.{i}.", f"model.layers.{i}."
-            out[g + "ln_1.weight"] = sd[h + "input_layernorm.weight"]
-            out[g + "ln_2.weight"] = sd[h + "post_attention_layernorm.weight"]
-            if config.qk_norm:
-                out[g + "attn.q_norm.weight"] = sd[h + "self_attn.q_norm.weight"]
-                out[g + "attn.k_norm.weight"] = sd[h + "self_attn.k_norm.weight"]
-            for p in ["weight"] + (["bias"] if config.bias else []):
-                out[g + f"attn.c_attn.{p}"] = torch.cat([sd[h + f"self_attn.{n}_proj.{p}"] for n in "qkv"])
-                out[g + f"attn.c_proj.{p}"] = sd[h + f"self_attn.o_proj.{p}"]
-                out[g + f"mlp.c_fc.{p}"] = torch.cat([sd[h + f"mlp.gate_proj.{p}"], sd[h + f"mlp.up_proj.{p}"]])
-                out[g + f"mlp.c_proj.{p}"] = sd[h + f"mlp.down_proj.{p}"]
+            same, fused = self.layer_names(config, i)
+            out.update({ours: sd[theirs] for ours, theirs in same})
+            for ours, theirs, _ in fused:
+                out[ours] = torch.cat([sd[t] for t in theirs])
         return out
 
 
