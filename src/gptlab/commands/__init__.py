@@ -48,6 +48,10 @@ def add_parser(sub: argparse._SubParsersAction, name: str, run, **kw) -> argpars
     return p
 
 
+def init_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--init", required=True, help=SRC_HELP)
+
+
 def device_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps, or auto (best available)")
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from gptlab.commands import SRC_HELP, add_parser, device_arg
+from gptlab.commands import add_parser, device_arg, init_arg
 
 HELP = """commands:
   /clear            forget the conversation so far
@@ -26,7 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = add_parser(sub, "chat", run, help="chat with a fine-tuned model in the terminal",
                    description="Chat with a model fine-tuned with the chat template (gptlab train --config sft-*). "
                                "With stdin piped, every line is one user message and every reply one output block.")
-    p.add_argument("--init", required=True, help=SRC_HELP)
+    init_arg(p)
     p.add_argument("--system", default=None, help="a system message that opens the conversation")
     p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=50, help="0 = off")

@@ -7,7 +7,7 @@ import argparse
 import json
 import sys
 
-from gptlab.commands import SRC_HELP, add_parser, json_arg
+from gptlab.commands import add_parser, init_arg, json_arg
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -15,7 +15,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    description="--format hf: a directory that transformers' AutoModelForCausalLM and AutoTokenizer "
                                "load. --format llmc: llm.c's GPT-2 model file (gpt2_124M.bin layout) that its C/CUDA "
                                "trainer and inference code load.")
-    p.add_argument("--init", required=True, help=SRC_HELP)
+    init_arg(p)
     p.add_argument("--out", required=True, help="output directory (hf) or file (llmc), written atomically")
     p.add_argument("--format", default="hf", choices=["hf", "llmc"])
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],

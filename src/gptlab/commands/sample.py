@@ -7,14 +7,14 @@ import json
 import sys
 import time
 
-from gptlab.commands import SRC_HELP, add_parser, device_arg, json_arg, quantize_arg
+from gptlab.commands import add_parser, device_arg, init_arg, json_arg, quantize_arg
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = add_parser(sub, "sample", run, help="generate text from a model",
                    description="Sample text with a KV cache. Temperature 0 is greedy decoding. A sample ends at "
                                "the end-of-text token (as transformers' generate does) unless --ignore-eot.")
-    p.add_argument("--init", required=True, help=SRC_HELP)
+    init_arg(p)
     p.add_argument("--prompt", default="\n", help="prompt text, or FILE:path to read it from a file")
     p.add_argument("--num-samples", type=int, default=1)
     p.add_argument("--max-new-tokens", type=int, default=200)

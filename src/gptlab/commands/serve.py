@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from gptlab.commands import SRC_HELP, add_parser, device_arg, quantize_arg
+from gptlab.commands import add_parser, device_arg, init_arg, quantize_arg
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -14,7 +14,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    description="Serve --init over HTTP: /v1/completions, /v1/chat/completions, /v1/models, "
                                "/health, /metrics (Prometheus) and a playground page at /. "
                                "Needs the serve extra: pip install 'gptlab[serve]'.")
-    p.add_argument("--init", required=True, help=SRC_HELP)
+    init_arg(p)
     p.add_argument("--name", default=None, help="model id in the API (/v1/models, 'model' fields; default: --init)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind; 0.0.0.0 exposes the server to the network (set an API key then)")

@@ -370,9 +370,9 @@ class HellaSwagEval(Eval):
     # ----------------------------------------------------------------- gptlab eval hellaswag
     @classmethod
     def add_arguments(cls, p: argparse.ArgumentParser) -> None:
-        from gptlab.commands import SRC_HELP, device_arg, json_arg
+        from gptlab.commands import device_arg, init_arg, json_arg
 
-        p.add_argument("--init", required=True, help=SRC_HELP)
+        init_arg(p)
         p.add_argument("--split", default="val", choices=["val", "train"])
         p.add_argument("--input", help="local HellaSwag .jsonl file (default: download and cache)")
         p.add_argument("--limit", type=int, default=None, help="evaluate the first N examples")

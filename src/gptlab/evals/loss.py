@@ -315,9 +315,9 @@ class ValLoss(Eval):
     # ----------------------------------------------------------------- gptlab eval loss
     @classmethod
     def add_arguments(cls, p: argparse.ArgumentParser) -> None:
-        from gptlab.commands import SRC_HELP, device_arg, json_arg, quantize_arg
+        from gptlab.commands import device_arg, init_arg, json_arg, quantize_arg
 
-        p.add_argument("--init", required=True, help=SRC_HELP)
+        init_arg(p)
         p.add_argument("--data", required=True, help="prepared dataset directory, or a directory or quoted glob of "
                                                       "llm.c / build-nanogpt shards (val: files named *_val_*)")
         p.add_argument("--val", default=None, metavar="GLOB", help="validation shards of a manifest-less --data")
