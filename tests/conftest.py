@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny configs, tiny corpora, process-group teardown, the gpu marker."""
+"""Shared fixtures: tiny configs, tiny corpora and a character dataset, the serve tests' live server,
+process-group teardown, the gpu marker."""
 
 from __future__ import annotations
 
@@ -57,9 +58,8 @@ def tiny_config():
     return ModelConfig.from_preset("tiny")
 
 
-@pytest.fixture
-def tiny_corpus(tmp_path):
-    """A small deterministic English-like text file (about 60 KB)."""
+def _write_corpus(path):
+    """A small deterministic English-like text (about 60 KB) written to ``path``."""
     import random
 
     rng = random.Random(0)
@@ -68,6 +68,42 @@ def tiny_corpus(tmp_path):
     lines = []
     for _ in range(1500):
         lines.append(" ".join(rng.choice(words) for _ in range(rng.randint(4, 12))).capitalize() + ".")
-    path = tmp_path / "corpus.txt"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
+
+
+@pytest.fixture
+def tiny_corpus(tmp_path):
+    """A small deterministic English-like text file (about 60 KB)."""
+    return _write_corpus(tmp_path / "corpus.txt")
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """The tiny corpus as a character-level dataset (about 60K tokens), prepared once per module (a module
+    may define its own ``data_dir``)."""
+    from gptlab.data.prepare import prepare_dataset
+
+    root = tmp_path_factory.mktemp("data")
+    prepare_dataset("text", input=str(_write_corpus(root / "corpus.txt")), out=root / "chars", tokenizer="char",
+                    progress=False)
+    return root / "chars"
+
+
+# The live server of the serve tests (tests/serve_util.py): one ``gptlab serve`` over the module's
+# ``run_dir`` fixture, started with the module's ``SERVE_ARGS``, and an ``openai`` client of it.
+@pytest.fixture(scope="module")
+def server(run_dir, request, tmp_path_factory):
+    from serve_util import LiveServer
+
+    srv = LiveServer(run_dir, tmp_path_factory.mktemp("log") / "serve.log",
+                     *getattr(request.module, "SERVE_ARGS", ())).wait_ready()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    import openai
+
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)

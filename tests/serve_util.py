@@ -16,8 +16,9 @@ import httpx
 BLOCK_SIZE = 512
 
 
-def make_run(run_dir: Path, seed: int = 0, block_size: int = BLOCK_SIZE) -> Path:
-    """A gptlab run dir holding a tiny random GPT-2-vocabulary model (one complete checkpoint)."""
+def make_run(run_dir: Path, seed: int = 0, block_size: int = BLOCK_SIZE, chat: bool = False) -> Path:
+    """A gptlab run dir holding a tiny random GPT-2-vocabulary model (one complete checkpoint); ``chat``: GPT-2
+    BPE plus the six turn tokens."""
     import torch
 
     from gptlab.checkpoint import save_checkpoint
@@ -25,11 +26,12 @@ def make_run(run_dir: Path, seed: int = 0, block_size: int = BLOCK_SIZE) -> Path
     from gptlab.model import GPT
     from gptlab.tokenizer import GPT2Tokenizer
 
-    cfg = ModelConfig.from_preset("tiny", vocab_size=50257, block_size=block_size)
+    vocab = {"vocab_size": 50263, "pad_vocab_multiple": 128} if chat else {"vocab_size": 50257}
+    cfg = ModelConfig.from_preset("tiny", block_size=block_size, **vocab)
     model = GPT(cfg)
     model.init_weights(torch.Generator().manual_seed(seed))
     save_checkpoint(run_dir, 1, model_state=model.state_dict(), tied=cfg.tie_embeddings, optimizer_state=None,
-                    rng_states=[], meta={"model_config": to_dict(cfg), "tokenizer": GPT2Tokenizer().spec()})
+                    rng_states=[], meta={"model_config": to_dict(cfg), "tokenizer": GPT2Tokenizer(chat=chat).spec()})
     return run_dir
 
 

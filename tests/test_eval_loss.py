@@ -150,35 +150,21 @@ def test_tokenizer_mismatch_and_bad_requests(model, data_dir, tmp_path):
         evaluate_loss(model, tmp_path / "missing", device="cpu")
 
 
-def _ddp_worker(rank, world, init_file, data_dir, out_dir):
-    import torch.distributed as dist
-
-    from gptlab.config import ModelConfig
-    from gptlab.model import GPT
-
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        torch.manual_seed(0)
-        m = GPT(ModelConfig(block_size=BLOCK, vocab_size=50257, n_layer=1, n_head=2, n_embd=16, init_std=0.2))
-        res = evaluate_loss(m, data_dir, batch_size=2, device="cpu")
-        with open(f"{out_dir}/rank{rank}.json", "w") as f:
-            json.dump(res, f)
-    finally:
-        dist.destroy_process_group()
-
-
-@pytest.mark.slow
-def test_ddp_sharded_loss_equals_single_process(data_dir, tmp_path):
-    import torch.multiprocessing as mp
-
+def _seeded_model_loss(data_dir: str) -> dict:
+    """The loss of a seeded random model on ``data_dir`` (under torch.distributed: all ranks together)."""
     from gptlab.config import ModelConfig
     from gptlab.model import GPT
 
     torch.manual_seed(0)
     m = GPT(ModelConfig(block_size=BLOCK, vocab_size=50257, n_layer=1, n_head=2, n_embd=16, init_std=0.2))
-    single = evaluate_loss(m, data_dir, batch_size=2, device="cpu")
-    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(data_dir), str(tmp_path)), nprocs=2, join=True)
-    for rank in range(2):
-        res = json.loads((tmp_path / f"rank{rank}.json").read_text())
+    return evaluate_loss(m, data_dir, batch_size=2, device="cpu")
+
+
+@pytest.mark.slow
+def test_ddp_sharded_loss_equals_single_process(data_dir, tmp_path):
+    from dist_util import run_on_gloo_ranks
+
+    single = _seeded_model_loss(str(data_dir))
+    for res in run_on_gloo_ranks(_seeded_model_loss, 2, tmp_path, str(data_dir)):
         assert (res["tokens"], res["windows"]) == (single["tokens"], single["windows"])
         assert res["loss"] == pytest.approx(single["loss"], rel=1e-6)

@@ -195,30 +195,19 @@ def test_render_example_masks_only_the_ending():
     assert all(r == full[-8:] if len(full) > 8 else r == full for r, full in zip(rows8, rows))
 
 
-def _ddp_worker(rank: int, world: int, init_file: str, jsonl_path: str, out_dir: str) -> None:
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        torch.manual_seed(0)
-        m = GPT(ModelConfig(block_size=BLOCK, vocab_size=50257, n_layer=1, n_head=2, n_embd=16)).eval()
-        res = hs.evaluate_hellaswag(m, hs.load_hellaswag(jsonl_path), GPT2Tokenizer(), device="cpu", batch_size=2)
-        with open(f"{out_dir}/rank{rank}.json", "w") as f:
-            json.dump(res, f)
-    finally:
-        dist.destroy_process_group()
+def _seeded_model_counts(jsonl_path: str) -> dict:
+    """HellaSwag of a seeded random model on ``jsonl_path`` (under torch.distributed: all ranks together)."""
+    torch.manual_seed(0)
+    m = GPT(ModelConfig(block_size=BLOCK, vocab_size=50257, n_layer=1, n_head=2, n_embd=16)).eval()
+    return hs.evaluate_hellaswag(m, hs.load_hellaswag(jsonl_path), GPT2Tokenizer(), device="cpu", batch_size=2)
 
 
 @pytest.mark.slow
 def test_ddp_sharded_counts_equal_single_process(jsonl, tmp_path):
-    import torch.multiprocessing as mp
+    from dist_util import run_on_gloo_ranks
 
-    torch.manual_seed(0)
-    m = GPT(ModelConfig(block_size=BLOCK, vocab_size=50257, n_layer=1, n_head=2, n_embd=16)).eval()
-    single = hs.evaluate_hellaswag(m, hs.load_hellaswag(jsonl), GPT2Tokenizer(), device="cpu", batch_size=2)
-    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(jsonl), str(tmp_path)), nprocs=2, join=True)
-    for rank in range(2):
-        res = json.loads((tmp_path / f"rank{rank}.json").read_text())
+    single = _seeded_model_counts(str(jsonl))
+    for rank, res in enumerate(run_on_gloo_ranks(_seeded_model_counts, 2, tmp_path, str(jsonl))):
         for key in ("n", "correct", "correct_norm", "acc", "acc_norm", "truncated"):
             assert res[key] == single[key], (rank, key)
 

@@ -27,23 +27,12 @@ import torch  # noqa: E402
 from serve_util import BLOCK_SIZE, LiveServer, make_run  # noqa: E402
 
 KEY = "sk-test-0123456789"
+SERVE_ARGS = ("--max-batch", "16")
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     return make_run(tmp_path_factory.mktemp("serve") / "run")
-
-
-@pytest.fixture(scope="module")
-def server(run_dir, tmp_path_factory):
-    srv = LiveServer(run_dir, tmp_path_factory.mktemp("log") / "serve.log", "--max-batch", "16").wait_ready()
-    yield srv
-    srv.stop()
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
 
 
 @pytest.fixture(scope="module")

@@ -15,46 +15,24 @@ import openai  # noqa: E402
 import httpx  # noqa: E402
 import torch  # noqa: E402
 
-from serve_util import LiveServer  # noqa: E402
+from serve_util import make_run  # noqa: E402
 
 MSGS = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hello, who are you?"}]
+SERVE_ARGS = ("--max-batch", "8")
 
 
 @pytest.fixture(scope="module")
-def chat_run(tmp_path_factory):
+def run_dir(tmp_path_factory):
     """A run dir with a tiny random GPT-2-vocabulary chat model (GPT-2 BPE + the six turn tokens)."""
-    from gptlab.checkpoint import save_checkpoint
-    from gptlab.config import ModelConfig, to_dict
-    from gptlab.model import GPT
-    from gptlab.tokenizer import GPT2Tokenizer
-
-    run = tmp_path_factory.mktemp("chatserve") / "run"
-    cfg = ModelConfig.from_preset("tiny", vocab_size=50263, block_size=128, pad_vocab_multiple=128)
-    model = GPT(cfg)
-    model.init_weights(torch.Generator().manual_seed(1))
-    save_checkpoint(run, 1, model_state=model.state_dict(), tied=cfg.tie_embeddings, optimizer_state=None,
-                    rng_states=[], meta={"model_config": to_dict(cfg), "tokenizer": GPT2Tokenizer(chat=True).spec()})
-    return run
+    return make_run(tmp_path_factory.mktemp("chatserve") / "run", seed=1, block_size=128, chat=True)
 
 
 @pytest.fixture(scope="module")
-def server(chat_run, tmp_path_factory):
-    srv = LiveServer(chat_run, tmp_path_factory.mktemp("log") / "serve.log", "--max-batch", "8").wait_ready()
-    yield srv
-    srv.stop()
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
-
-
-@pytest.fixture(scope="module")
-def reference(chat_run):
+def reference(run_dir):
     from gptlab.chat import ChatTemplate
     from gptlab.loading import load_model
 
-    model, tok = load_model(chat_run)
+    model, tok = load_model(run_dir)
     tmpl = ChatTemplate.for_tokenizer(tok)
     ends = set(tok.special_tokens.values())  # <|endoftext|> and the six turn tokens
 
@@ -114,7 +92,7 @@ def test_streaming_equals_non_streaming(client):
     assert chunks == whole.usage.completion_tokens  # one chunk per generated token
 
 
-def test_logprobs(client, chat_run):
+def test_logprobs(client, run_dir):
     from gptlab.loading import load_model
 
     name = client.models.list().data[0].id

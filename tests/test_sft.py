@@ -13,18 +13,7 @@ import torch
 from gptlab.config import resolve_train_config
 from gptlab.metrics import read_metrics
 from gptlab.train import train
-
-def _settings(flags: dict) -> dict:
-    """``gptlab train`` flags by name (max_steps=3 is --max-steps 3) -> config keys."""
-    from gptlab.commands.train import FLAGS
-
-    key = {name[2:].replace("-", "_"): k for name, k, _ in FLAGS}
-    return {key[k]: v for k, v in flags.items()}
-
-
-TINY = ["--model.n_layer=2", "--model.n_head=2", "--model.n_embd=32", "--model.block_size=48",
-        "--eval.eval_tokens=0", "--eval.sample_every=0", "--logging.progress=false", "--system.device=cpu",
-        "--optim.warmup_steps=2", "--optim.lr=1e-2", "--system.threads=1"]
+from test_train import cfg_for, train_settings
 
 
 @pytest.fixture(scope="module")
@@ -38,15 +27,14 @@ def base_run(tmp_path_factory) -> Path:
                               for _ in range(rng.randint(3, 9))) + ":" for _ in range(600))
     (root / "corpus.txt").write_text(text + "\n", encoding="utf-8")
     prepare_dataset("text", input=str(root / "corpus.txt"), out=root / "chars", tokenizer="char", progress=False)
-    cfg = resolve_train_config(None, _settings({"data": str(root / "chars"), "out": str(root / "run"), "max_steps": 4}),
-                               [*TINY, "--batch.micro_batch=4", "--batch.seq_len=32", "--batch.batch_tokens=128",
-                                "--model.pad_vocab_multiple=1"])
-    train(cfg)
+    train(cfg_for(root / "chars", root / "run", "--model.block_size=48", "--eval.eval_tokens=0",
+                  "--batch.micro_batch=4", "--batch.seq_len=32", "--batch.batch_tokens=128",
+                  "--model.pad_vocab_multiple=1", max_steps=4))
     return root / "run"
 
 
 def sft_cfg(base: Path, out: Path, data_home: Path, *extra: str, **flags):
-    flags = _settings({"init": str(base), "out": str(out), **flags})
+    flags = train_settings(init=str(base), out=str(out), **flags)
     return resolve_train_config("sft-tiny", flags, ["--logging.progress=false", "--system.threads=1",
                                                     "--data.task_examples=300", "--eval.chat_eval_n=10",
                                                     "--batch.micro_batch=4", "--batch.batch_tokens=192",

@@ -25,31 +25,17 @@ TINY = ["--model.n_layer=2", "--model.n_head=2", "--model.n_embd=32", "--model.b
         "--optim.warmup_steps=2", "--optim.lr=1e-2", "--system.threads=1"]
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    """A character-level dataset (about 60K tokens) prepared once for the module."""
-    import random
-
-    from gptlab.data.prepare import prepare_dataset
-
-    root = tmp_path_factory.mktemp("data")
-    rng = random.Random(0)
-    words = ("the quick brown fox jumps over lazy dog and cat sat on mat while rain fell softly "
-             "upon green hills of old England where kings once ruled").split()
-    text = "\n".join(" ".join(rng.choice(words) for _ in range(rng.randint(4, 12))).capitalize() + "."
-                     for _ in range(1500))
-    (root / "corpus.txt").write_text(text + "\n", encoding="utf-8")
-    prepare_dataset("text", input=str(root / "corpus.txt"), out=root / "chars", tokenizer="char", progress=False)
-    return root / "chars"
-
-
-def cfg_for(data_dir: Path, out: Path, *extra: str, **flags):
-    """``flags``: ``gptlab train`` flags by name (max_steps=3 is --max-steps 3)."""
+def train_settings(**flags) -> dict:
+    """``gptlab train`` flags by name (max_steps=3 is --max-steps 3) -> config keys."""
     from gptlab.commands.train import FLAGS
 
     key = {name[2:].replace("-", "_"): k for name, k, _ in FLAGS}
-    settings = {key[k]: v for k, v in {"data": str(data_dir), "out": str(out), **flags}.items()}
-    return resolve_train_config(None, settings, [*TINY, *extra])
+    return {key[k]: v for k, v in flags.items()}
+
+
+def cfg_for(data_dir: Path, out: Path, *extra: str, **flags):
+    """The :data:`TINY` run on ``data_dir``; ``extra`` overrides win over TINY's, ``flags`` as train_settings."""
+    return resolve_train_config(None, train_settings(data=str(data_dir), out=str(out), **flags), [*TINY, *extra])
 
 
 FAULT_CLI = str(Path(__file__).with_name("fault_cli.py"))
