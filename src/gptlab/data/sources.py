@@ -427,15 +427,22 @@ def _first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
 
 
-def hf_documents(info: DatasetInfo, split: str, field_name: str = "text") -> Iterator[str]:
-    """Stream one split of a Hub corpus as document texts, wrapping network/offline failures in one line."""
+def open_hub_split(info: DatasetInfo, split: str, local: str, offline: Callable[[str], str]
+                   ) -> Iterable[dict[str, Any]]:
+    """``info``'s Hub ``split``, streamed. Without the ``datasets`` package the error says to pass ``local``
+    instead; a download failure is ``offline(reason)``, one line."""
     try:
-        ds = load_hf_dataset(info.hf_path or "", info.hf_name, split, streaming=True)
+        return load_hf_dataset(info.hf_path or "", info.hf_name, split, streaming=True)
     except ImportError:
         raise SourceError(f"{info.name}: downloading needs the 'datasets' package (pip install 'gptlab[data]'), "
-                          f"or pass local files with --input PATH|DIR|GLOB") from None
+                          f"or pass {local}") from None
     except Exception as e:
-        raise SourceError(_offline_message(info, _first_line(e))) from None
+        raise SourceError(offline(_first_line(e))) from None
+
+
+def hf_documents(info: DatasetInfo, split: str, field_name: str = "text") -> Iterator[str]:
+    """Stream one split of a Hub corpus as document texts, wrapping network/offline failures in one line."""
+    ds = open_hub_split(info, split, "local files with --input PATH|DIR|GLOB", lambda why: _offline_message(info, why))
     it = iter(ds)
     n = 0
     while True:
@@ -555,15 +562,10 @@ def open_chat_source(info: DatasetInfo, *, input: str | os.PathLike | None = Non
         return (lambda: _limit(make_local(), max_docs)), {"input": [str(p) for p in paths]}
 
     def rows(split: str) -> Iterator[tuple[list[dict[str, str]], str]]:
-        try:
-            ds = load_hf_dataset(info.hf_path or "", info.hf_name, split, streaming=True)
-        except ImportError:
-            raise SourceError(f"{info.name}: downloading needs the 'datasets' package (pip install 'gptlab[data]'), "
-                              f"or pass a local copy with --input FILE.jsonl|DIR") from None
-        except Exception as e:
-            raise SourceError(f"{info.name}: cannot download {info.download} ({_first_line(e)}); pass a local copy "
-                              f"with --input FILE.jsonl|DIR (one {{\"messages\": [...]}} per line, or the Hub's "
-                              f"parquet files)") from None
+        ds = open_hub_split(info, split, "a local copy with --input FILE.jsonl|DIR",
+                            lambda why: f"{info.name}: cannot download {info.download} ({why}); pass a local copy "
+                                        f"with --input FILE.jsonl|DIR (one {{\"messages\": [...]}} per line, or the "
+                                        f"Hub's parquet files)")
         for n, row in enumerate(ds, 1):
             where = f"{info.hf_path} {split} row {n}"
             yield conversation_from_json(row, where), where
