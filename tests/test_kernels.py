@@ -225,3 +225,53 @@ def test_train_command_runs_on_the_measured_kernels(auto, tmp_path, tiny_corpus,
     # 64 rows of 32 features into the fused q/k/v projection (96), forward and both gradients.
     assert {"fwd rows<=64 N=96 K=32 bias=1 threads=1", "grad_in rows<=64 N=32 K=96 bias=0 threads=1",
             "grad_w rows<=128 N=32 K=64 bias=0 threads=1"} <= set(entries)
+
+
+@needs_onednn
+@pytest.mark.parametrize("slow", ["tuned", "f.linear"])
+def test_step_probe_keeps_whichever_runs_the_step_faster(slow, auto, tiny_config):
+    """The per-shape choices stay only if the whole pass is faster with them; the verdict is cached and a
+    second model with the same signature reuses it without probing. The probe runs the real model and is
+    made slower on one side (a sleep) so that the outcome is known in advance."""
+    import time
+
+    def make_probe(model, calls):
+        x = torch.randint(0, tiny_config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+
+        def probe():
+            calls.append(kernels.FORCE)
+            model(x[:, :-1], x[:, 1:])[1].backward()
+            model.zero_grad(set_to_none=True)
+            if (kernels.FORCE == "f.linear") == (slow == "f.linear"):
+                time.sleep(0.02)
+        return probe
+
+    calls: list = []
+    model = GPT(tiny_config)
+    apply_cpu_kernels(model, make_probe(model, calls), signature="test-sig")
+    kept = slow == "f.linear"
+    assert all(type(m) is (TunedLinear if kept else nn.Linear) for m in model.modules() if isinstance(m, nn.Linear))
+    assert "f.linear" in calls and None in calls  # both sides timed
+    entry = json.loads(auto.read_text())[kernels.machine_key()]
+    step = entry[f"step test-sig threads={torch.get_num_threads()}"]
+    assert step["choice"] == ("tuned" if kept else "f.linear")
+    assert (step["tuned_ms"] < step["f.linear_ms"]) == kept
+    kernels.clear_choices()  # from the file now
+    calls2: list = []
+    model2 = GPT(tiny_config)
+    apply_cpu_kernels(model2, make_probe(model2, calls2), signature="test-sig")
+    assert calls2 == []
+    assert all(type(m) is (TunedLinear if kept else nn.Linear) for m in model2.modules() if isinstance(m, nn.Linear))
+
+
+def test_training_probe_leaves_no_trace(tiny_config):
+    """The trainer's probe: a real forward + backward pass that leaves no gradients and does not move the
+    global generator, even with dropout (a run must not depend on whether the cache was warm)."""
+    cfg = ModelConfig.from_preset("tiny", vocab_size=tiny_config.vocab_size, dropout=0.2)
+    model = GPT(cfg).train()
+    probe, signature = kernels.training_probe(model, batch=2, seq_len=8)
+    state = torch.get_rng_state()
+    probe()
+    assert torch.equal(torch.get_rng_state(), state)
+    assert all(p.grad is None for p in model.parameters())
+    assert "B=2 T=8" in signature and signature != kernels.training_probe(GPT(tiny_config), 2, 8)[1]

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from gptlab.config import ModelConfig, MODEL_PRESETS, ConfigError, closest, parse_overrides
 from gptlab.errors import GptlabError
-from gptlab.kernels import apply_cpu_kernels
+from gptlab.kernels import apply_cpu_kernels, training_probe
 from gptlab.metrics import FLOPS_FORMULA, flops_per_token, mfu, peak_bandwidth, peak_flops
 from gptlab.model import GPT
 from gptlab.runtime import autocast, cpu_model, git_sha, resolve_device, resolve_dtype
@@ -215,7 +215,8 @@ def bench_train(model: str = "gpt2", *, batch: int = 8, seq: int | None = None, 
     with torch.device(dev):
         net = GPT(cfg)
     net.init_weights(torch.Generator(device=dev).manual_seed(seed) if dev.type == "cuda" else gen)
-    apply_cpu_kernels(net)  # as `gptlab train` runs it (the transformers twin stays stock)
+    # As `gptlab train` runs it (the transformers twin stays stock).
+    apply_cpu_kernels(net, *(() if compile else training_probe(net, batch, T)))
     n_params = net.num_params(non_embedding=True)
     x = torch.randint(0, cfg.vocab_size, (batch, T + 1), generator=gen).to(dev)
     x, y = x[:, :-1].contiguous(), x[:, 1:].contiguous()

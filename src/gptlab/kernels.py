@@ -10,6 +10,13 @@ per CPU model, torch version and thread count in ``$XDG_CACHE_HOME/gptlab/kernel
 ``~/.cache/gptlab``), so later runs reuse them. ``GPTLAB_ONEDNN=0`` keeps plain ``nn.Linear``;
 ``GPTLAB_ONEDNN=1`` sends every product to oneDNN without measuring.
 
+A product timed alone is not the product inside a training step: there, oneDNN's calls sit between
+other kernels that evict its caches and it pays its fixed cost 3x per layer. On Zen 4 the per-shape
+choices (oneDNN for 10 of 15 products, each 5-20% faster alone) made the char model's step 9% slower
+than plain ``F.linear``. So callers that run a whole step pass it as ``probe``: the step itself is timed
+with the per-shape choices and with ``F.linear`` everywhere (alternating), and the layers are swapped
+back when the choices do not win there (:func:`keep_if_faster`); the verdict is cached like the rest.
+
 The model itself holds plain ``nn.Linear`` modules; :func:`apply_cpu_kernels` swaps them for
 :class:`TunedLinear` (same parameters, names and state dict) from outside, for the commands that run on
 CPU. ``TunedLinear`` falls back to ``F.linear`` wherever oneDNN would not be the plain fp32 CPU product:
@@ -74,6 +81,7 @@ FORCE: str | None = None  # a CANDIDATES name to use for every product (tests co
 
 _choices: dict[tuple, str] = {}  # (kind, rows bucket, N, K, bias, threads) -> candidate name
 _file_entries: dict[str, str] | None = None  # this machine's entries of the cache file, read once
+_step_verdicts: dict[str, bool] = {}  # probe signature -> keep the per-shape choices (see keep_if_faster)
 
 
 def cache_path() -> Path:
@@ -101,6 +109,10 @@ def _read_file() -> dict[str, str]:
 
 
 def _save(key: tuple, record: dict) -> None:
+    _save_raw(_shape_str(key), record)
+
+
+def _save_raw(name: str, record: dict) -> None:
     """Add one measurement to the cache file (read-merge-replace, so concurrent runs lose nothing
     worse than one entry); a cache that cannot be written only costs a re-measurement later."""
     path = cache_path()
@@ -111,7 +123,7 @@ def _save(key: tuple, record: dict) -> None:
             data = data if isinstance(data, dict) else {}
         except (OSError, ValueError):
             data = {}
-        data.setdefault(machine_key(), {})[_shape_str(key)] = record
+        data.setdefault(machine_key(), {})[name] = record
         tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
         tmp.write_text(json.dumps(data, indent=1, sort_keys=True), encoding="utf-8")
         os.replace(tmp, path)
@@ -167,6 +179,7 @@ def clear_choices() -> None:
     """Forget the choices held in memory (the cache file stays): the next product re-reads or re-measures."""
     global _file_entries
     _choices.clear()
+    _step_verdicts.clear()
     _file_entries = None
 
 
@@ -223,11 +236,14 @@ class TunedLinear(nn.Linear):
         return linear(x, self.weight, self.bias)
 
 
-def apply_cpu_kernels(model: nn.Module) -> nn.Module:
+def apply_cpu_kernels(model: nn.Module, probe: Callable[[], object] | None = None,
+                      signature: str = "") -> nn.Module:
     """Swap every plain ``nn.Linear`` of ``model`` for :class:`TunedLinear`, in place (the modules keep
     their parameters, so names, state dicts, tied weights and optimizers are unaffected); returns it.
 
-    A no-op unless the model is fp32 on CPU and ``GPTLAB_ONEDNN`` is not 0. Call it before
+    ``probe``: one forward + backward pass of the work to come (no optimizer update); with it the swap is
+    kept only if that pass is faster with it (:func:`keep_if_faster`; ``signature`` names the work in the
+    cache). A no-op unless the model is fp32 on CPU and ``GPTLAB_ONEDNN`` is not 0. Call it before
     ``torch.compile`` / DDP wrapping; under compile the layers trace as ``F.linear``.
     """
     p = next(model.parameters(), None)
@@ -236,4 +252,72 @@ def apply_cpu_kernels(model: nn.Module) -> nn.Module:
     for module in model.modules():
         if type(module) is nn.Linear:
             module.__class__ = TunedLinear
+    if probe is not None and mode() == "auto" and FORCE is None and not keep_if_faster(probe, signature):
+        for module in model.modules():
+            if type(module) is TunedLinear:
+                module.__class__ = nn.Linear
     return model
+
+
+# Probes slower than this per pass are not repeated: products that large are timed reliably alone (the
+# per-shape choice stands), and repeating a multi-second pass would delay the run for little.
+PROBE_MAX_S = 1.0
+
+
+def keep_if_faster(probe: Callable[[], object], signature: str) -> bool:
+    """Whether ``probe`` (a pass over :class:`TunedLinear` layers) runs faster on the per-shape choices
+    than on ``F.linear`` everywhere: timed alternately, best of each, cached per machine and ``signature``."""
+    key = f"step {signature} threads={torch.get_num_threads()}"
+    if key in _step_verdicts:
+        return _step_verdicts[key]
+    saved = _read_step(key)
+    if saved is not None:
+        _step_verdicts[key] = saved
+        return saved
+    first = alternate({"tuned": probe}, warmup=1, rounds=1)  # the warm-up measures the per-shape choices
+    if first.best("tuned") > PROBE_MAX_S:
+        return True
+
+    def forced(fn: Callable[[], object]) -> Callable[[], object]:
+        def run() -> object:
+            global FORCE
+            FORCE = "f.linear"
+            try:
+                return fn()
+            finally:
+                FORCE = None
+        return run
+
+    timed = alternate({"tuned": probe, "f.linear": forced(probe)}, warmup=1, rounds=MAX_ROUNDS, calls=2)
+    tuned, plain = timed.best("tuned"), timed.best("f.linear")
+    verdict = _step_verdicts[key] = tuned < plain
+    _save_raw(key, {"choice": "tuned" if verdict else "f.linear", "tuned_ms": round(tuned * 1e3, 3),
+                    "f.linear_ms": round(plain * 1e3, 3)})
+    return verdict
+
+
+def training_probe(model: nn.Module, batch: int, seq_len: int) -> tuple[Callable[[], None], str]:
+    """A probe for :func:`apply_cpu_kernels`: one forward + backward pass of a GPT on a fixed random batch
+    of the training shape, and its signature. It leaves no gradients and moves no global generator
+    (dropout draws happen inside a forked one), so a run is the same whether or not it probed."""
+    import hashlib
+
+    cfg = model.config
+    x = torch.randint(0, cfg.vocab_size, (batch, seq_len + 1), generator=torch.Generator().manual_seed(0))
+
+    def run() -> None:
+        with torch.random.fork_rng(devices=[]):
+            model(x[:, :-1], x[:, 1:])[1].backward()
+        model.zero_grad(set_to_none=True)
+
+    digest = hashlib.sha1(cfg.to_json().encode()).hexdigest()[:10]
+    return run, (f"train L={cfg.n_layer} C={cfg.n_embd} V={cfg.padded_vocab_size} B={batch} T={seq_len} "
+                 f"config={digest}")
+
+
+def _read_step(key: str) -> bool | None:
+    try:
+        got = json.loads(cache_path().read_text(encoding="utf-8")).get(machine_key(), {}).get(key, {})
+        return {"tuned": True, "f.linear": False}.get(got.get("choice"))
+    except (OSError, ValueError, AttributeError, TypeError):
+        return None

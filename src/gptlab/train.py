@@ -37,7 +37,7 @@ from gptlab.checkpoint import prune_checkpoints, read_meta
 from gptlab.data.shards import verify_cached
 from gptlab.config import ConfigError, TrainConfig, to_dict
 from gptlab.errors import GptlabError
-from gptlab.kernels import apply_cpu_kernels
+from gptlab.kernels import apply_cpu_kernels, training_probe
 from gptlab.evals.registry import Eval, EvalContext, EvalOff, due, registered
 from gptlab.metrics import MetricsLogger, flops_per_token, format_step, mfu, peak_flops
 from gptlab.model import GPT
@@ -262,7 +262,9 @@ def build(cfg: TrainConfig, info: gdist.DistInfo, device: torch.device, stop: St
         raise ConfigError(f"batch.seq_len={cfg.seq_len} exceeds the model's context ({raw.config.block_size})")
     raw.to(device)
     raw.train()
-    apply_cpu_kernels(raw)  # CPU fp32 only; in place, before wrapping: the parameters stay the same objects
+    # CPU fp32 only; in place, before wrapping: the parameters stay the same objects. Compiled steps trace
+    # the layers as F.linear anyway, so only an eager step is worth probing.
+    apply_cpu_kernels(raw, *(() if cfg.system.compile else training_probe(raw, cfg.batch.micro_batch, cfg.seq_len)))
     # Dropout draws from the global generator; ranks get different streams, as nanoGPT's seed offset.
     seed_everything(cfg.system.seed + info.rank)
     parallel = gdist.Parallel(info, fsdp=cfg.system.fsdp)
