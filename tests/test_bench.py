@@ -50,6 +50,24 @@ def test_bench_train_vs_hf_json(capsys):
     assert r["loss_last"] < r["loss_first"]  # 5 AdamW steps on one batch must reduce its loss
 
 
+def test_bench_train_vs_another_gptlab_model(capsys):
+    """--vs-model times a second gptlab architecture at the same shapes: its own config (overrides applied,
+    the vocabulary of --model), its own parameter count, its step ratio derived from the two medians."""
+    r = run_json(capsys, ["bench", "train", "--model", "tiny", "--batch", "2", "--seq", "16", "--steps", "4",
+                          "--warmup", "1", "--rounds", "2", "--device", "cpu", "--json", "--set", "n_layer=1",
+                          "--vs-model", "tiny", "--vs-set", "n_layer=1", "pos_emb=rope", "norm=rmsnorm",
+                          "mlp=swiglu", "qk_norm=true"])
+    vs = r["vs_config"]
+    assert (vs["pos_emb"], vs["norm"], vs["mlp"], vs["qk_norm"]) == ("rope", "rmsnorm", "swiglu", True)
+    assert vs["vocab_size"] == r["config"]["vocab_size"] and r["config"]["pos_emb"] == "learned"
+    assert r["vs_n_params"] == GPT(ModelConfig(**vs)).num_params()
+    assert r["vs_step_ratio"] == pytest.approx(r["vs_ms_per_step"] / r["ms_per_step"])
+    assert r["vs_loss_last"] < r["vs_loss_first"]
+    with pytest.raises(GptlabError, match="vs-model"):
+        bench.bench_train("tiny", batch=1, seq=16, steps=1, warmup=0, device="cpu", quiet=True,
+                          vs_model="tiny", vs_overrides=["block_size=8"])
+
+
 def test_bench_train_human_output_goes_to_stdout_progress_to_stderr(capsys):
     assert main(["bench", "train", "--model", "tiny", "--batch", "1", "--seq", "8", "--steps", "1",
                  "--warmup", "0", "--rounds", "1", "--device", "cpu"]) == 0

@@ -194,12 +194,14 @@ def _make_optimizer(model: torch.nn.Module, device: torch.device) -> torch.optim
 def bench_train(model: str = "gpt2", *, batch: int = 8, seq: int | None = None, steps: int = 10, warmup: int = 3,
                 rounds: int = 5, dtype: str = "auto", compile: bool = False, compile_hf: bool = False,
                 vs_hf: bool = False, overrides: list[str] | dict[str, Any] | None = None, device: str = "auto", seed: int = 0,
+                vs_model: str | None = None, vs_overrides: list[str] | dict[str, Any] | None = None,
                 quiet: bool = False) -> dict[str, Any]:
     """Time optimizer steps (forward + backward + AdamW) of a gptlab model, optionally against
-    transformers' GPT2LMHeadModel with the same weights, shapes, dtype and optimizer.
+    transformers' GPT2LMHeadModel with the same weights, shapes, dtype and optimizer, and/or against
+    another gptlab model (``vs_model``, e.g. the modern architecture) at the same batch and sequence.
 
     ``steps`` timed steps per model are split over ``rounds`` alternating rounds (A then B each round).
-    ``compile`` compiles the gptlab model, ``compile_hf`` transformers' one.
+    ``compile`` compiles the gptlab model(s), ``compile_hf`` transformers' one.
     """
     if batch < 1 or steps < 1 or warmup < 0 or rounds < 1:
         raise GptlabError("bench train: --batch and --steps must be >= 1, --warmup >= 0")
@@ -210,6 +212,12 @@ def bench_train(model: str = "gpt2", *, batch: int = 8, seq: int | None = None, 
     if T > cfg.block_size:
         raise GptlabError(f"--seq {T} exceeds the model's context (block_size={cfg.block_size}); "
                           f"lower --seq or pass --set block_size={T}")
+    vs_cfg = None
+    if vs_model is not None:
+        vs_sets = vs_overrides if isinstance(vs_overrides, dict) else _parse_sets(vs_overrides or [])
+        vs_cfg = resolve_model_config(vs_model, {"vocab_size": cfg.vocab_size, **vs_sets})
+        if T > vs_cfg.block_size:
+            raise GptlabError(f"--seq {T} exceeds --vs-model {vs_model}'s context (block_size={vs_cfg.block_size})")
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     with torch.device(dev):
@@ -250,6 +258,12 @@ def bench_train(model: str = "gpt2", *, batch: int = 8, seq: int | None = None, 
                                                   y.view(-1)), compile_hf)
     else:
         add("gptlab", net.train(), lambda m: m(x, y)[1], compile)
+    if vs_cfg is not None:
+        with torch.device(dev):
+            vs_net = GPT(vs_cfg)
+        vs_net.init_weights(torch.Generator(device=dev).manual_seed(seed + 1))
+        apply_cpu_kernels(vs_net, *(() if compile else training_probe(vs_net, batch, T)))
+        add("vs", vs_net.train(), lambda m: m(x, y)[1], compile)
 
     peak = PeakMemory(dev)
     # Warm-up (allocator, compile, optimizer state), then the timed steps split over alternating rounds.
@@ -287,6 +301,13 @@ def bench_train(model: str = "gpt2", *, batch: int = 8, seq: int | None = None, 
                    hf_compile=compile_hf)
         out["hf_mfu"] = mfu(out["hf_tokens_per_s"], fpt, peak_tf)
         out["speedup_vs_hf"] = out["tokens_per_s"] / out["hf_tokens_per_s"]
+    if vs_cfg is not None:
+        vs = t.summary("vs")
+        out.update(vs_model=vs_model, vs_config=json.loads(vs_cfg.to_json()), vs_ms_per_step=vs["median_ms"],
+                   vs_ms_per_step_mean=vs["mean_ms"], vs_tokens_per_s=tokens_per_step / (vs["median_ms"] / 1e3),
+                   vs_n_params=vs_net.num_params(), vs_peak_memory_mb=peak.mb["vs"],
+                   vs_loss_first=losses["vs"][0].item(), vs_loss_last=losses["vs"][-1].item(),
+                   vs_step_ratio=vs["median_ms"] / s["median_ms"])
     return out
 
 

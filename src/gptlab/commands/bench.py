@@ -23,6 +23,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--vs-hf", action="store_true", help="also time transformers' GPT2LMHeadModel, alternating A/B")
     t.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="model config overrides")
     t.add_argument("--compile-hf", action="store_true", help="with --vs-hf: torch.compile transformers' model too")
+    t.add_argument("--vs-model", default=None, metavar="PRESET",
+                   help="also time another gptlab model (preset or recipe, e.g. modern-shakespeare-char-cpu) at the "
+                        "same batch and sequence, alternating; reports vs_step_ratio = its ms/step over --model's")
+    t.add_argument("--vs-set", nargs="*", default=[], metavar="KEY=VALUE", help="--vs-model config overrides")
     t.add_argument("--threads", type=int, default=0, help="CPU threads for torch (default: torch's choice)")
     device_arg(t)
     json_arg(t)
@@ -98,6 +102,9 @@ def _fmt_train(r: dict[str, Any]) -> list[str]:
         lines.append(f"transformers: {r['hf_ms_per_step']:.2f} ms/step, {r['hf_tokens_per_s']:,.0f} tokens/s"
                      + (f", MFU {100 * r['hf_mfu']:.1f}%" if r.get("hf_mfu") is not None else ""))
         lines.append(f"speedup vs transformers: {r['speedup_vs_hf']:.2f}x")
+    if "vs_ms_per_step" in r:
+        lines.append(f"{r['vs_model']}: {r['vs_ms_per_step']:.2f} ms/step, {r['vs_tokens_per_s']:,.0f} tokens/s "
+                     f"-> {r['vs_step_ratio']:.2f}x {r['model']}'s step time")
     return lines
 
 
@@ -109,7 +116,7 @@ def run_train(args: argparse.Namespace) -> int:
     r = bench_train(args.model, batch=args.batch, seq=args.seq, steps=args.steps, warmup=args.warmup,
                     rounds=getattr(args, "rounds", 5), dtype=args.dtype, compile=args.compile,
                     compile_hf=getattr(args, "compile_hf", False), vs_hf=args.vs_hf, overrides=args.set,
-                    device=args.device, quiet=args.json)
+                    vs_model=args.vs_model, vs_overrides=args.vs_set, device=args.device, quiet=args.json)
     emit(r, args.json, _fmt_train(r))
     return 0
 
