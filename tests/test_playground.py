@@ -7,6 +7,7 @@ Playwright downloads. Set GPTLAB_PLAYGROUND_SCREENSHOT=path to also save the scr
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -52,8 +53,9 @@ def test_page_is_self_contained(server):
         assert f'id="{element_id}"' in html
 
 
-@pytest.fixture(scope="module")
-def page(server):
+@contextlib.contextmanager
+def _browser_page(server):
+    """The playground of ``server`` in headless Chromium, once it has read ``/v1/info``; nothing fetched elsewhere."""
     if CHROMIUM is None:
         pytest.skip("Chromium is not installed (Debian: apt-get install chromium); the browser test needs it")
     sync_api = pytest.importorskip("playwright.sync_api")
@@ -68,6 +70,12 @@ def page(server):
         yield pg
         assert remote == [], f"the page fetched outside the server: {remote}"
         browser.close()
+
+
+@pytest.fixture(scope="module")
+def page(server):
+    with _browser_page(server) as pg:
+        yield pg
 
 
 def _settings(page, **values):
@@ -117,3 +125,61 @@ def test_stop_button_cancels_the_row(server, page):
         m = server.metrics()
     assert m.get('gptlab_rows_finished_total{reason="cancelled"}', 0.0) == before + 1
     assert m["gptlab_running_rows"] == 0
+
+
+# --------------------------------------------------------------------------- the chat view (a chat-template model)
+
+
+@pytest.fixture(scope="module")
+def chat_server(tmp_path_factory):
+    d = tmp_path_factory.mktemp("playground-chat")
+    srv = LiveServer(make_run(d / "run", seed=1, block_size=128, chat=True), d / "serve.log", "--name", "tiny-chat").wait_ready()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def chat_page(chat_server):
+    with _browser_page(chat_server) as pg:
+        yield pg
+
+
+def _send(page, text: str) -> None:
+    done = page.evaluate("Number(document.body.dataset.done || 0)")
+    page.fill("#chat-input", text)
+    page.press("#chat-input", "Enter")
+    page.wait_for_function(f"Number(document.body.dataset.done || 0) > {done}", timeout=60_000)
+
+
+def _shown(page) -> list[tuple[str, str]]:
+    return page.eval_on_selector_all("#messages .msg", "els => els.map(e => [e.className, e.textContent])")
+
+
+def test_chat_view_shows_the_api_replies_with_history(chat_server, chat_page):
+    page = chat_page
+    assert "tiny-chat" in page.text_content("#model-name")
+    assert page.is_visible("#tabs") and page.is_hidden("#chat-view")  # a chat template: the tabs, completion first
+    page.click("#tab-chat")
+    assert page.is_visible("#chat-view") and page.is_hidden("#completion-view")
+    _settings(page, temperature=0, top_k=0, top_p=1, max_tokens=12, seed="")
+
+    def api(messages):
+        r = httpx.post(chat_server.url + "/v1/chat/completions",
+                       json={"messages": messages, "max_tokens": 12, "temperature": 0}, timeout=60).json()
+        return r["choices"][0]["message"]["content"]
+
+    # each reply is what the API gives for the whole conversation so far (the page sends its history)
+    history: list[dict[str, str]] = []
+    for text in ("reverse: a b c", "and now: x y z"):
+        _send(page, text)
+        history.append({"role": "user", "content": text})
+        history.append({"role": "assistant", "content": api(history)})
+        assert _shown(page) == [[f"msg {m['role']}", m["content"]] for m in history]
+        assert page.text_content("#error") == ""
+        assert re.search(r"\d+ tokens · ", page.text_content("#chat-stats"))
+    assert any(m["content"] for m in history if m["role"] == "assistant")  # not just two empty replies
+    assert page.input_value("#chat-input") == ""
+    page.click("#chat-clear")
+    assert _shown(page) == []
+    page.click("#tab-completion")
+    assert page.is_visible("#completion-view") and page.is_hidden("#chat-view")

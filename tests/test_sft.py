@@ -75,6 +75,27 @@ def test_sft_tiny_end_to_end(base_run, tmp_path, monkeypatch):
     assert [r["step"] for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "chat_eval"] == [2, 4, 6]
 
 
+def test_sft_tiny_rows_start_every_question_at_position_zero(base_run, tmp_path):
+    """The recipe's rows hold one whole task conversation each, so every training question sits at position 0,
+    where a chat starts. Packed 64-token rows put almost no short question there, and the model (learned
+    positions) then got every held-out 3-letter question wrong (BENCHMARKS.md "Chat: SFT demo")."""
+    from gptlab.chat import write_conversations
+    from gptlab.data.prepare import prepare_chat
+    from gptlab.evals.chat import MAX_LETTERS, MIN_LETTERS, task_conversations
+    from gptlab.loading import load_model
+
+    cfg = resolve_train_config("sft-tiny", train_settings(init=str(base_run)), [])
+    _, tok = load_model(base_run)  # characters, like the demo's shakespeare-char base: one token per character
+    convs = task_conversations(400, cfg.data.seed, task=cfg.data.task)
+    assert {len(c[0]["content"].split()) - 1 for c in convs} == set(range(MIN_LETTERS, MAX_LETTERS + 1))
+    write_conversations(tmp_path / "c.jsonl", convs)
+    res = prepare_chat("chat", input=tmp_path / "c.jsonl", out=tmp_path / "d", tokenizer=tok, seq_len=cfg.seq_len,
+                       val_fraction=0.1, progress=False)
+    info = res["chat"]
+    for split in ("train", "val"):
+        assert info[f"{split}_rows"] == info[f"{split}_conversations"] > 0 and info[f"{split}_cropped"] == 0
+
+
 def test_sft_val_loss_counts_assistant_tokens_only(base_run, tmp_path, monkeypatch):
     """The trainer's val loss equals a loss computed independently from the rendered conversations."""
     from gptlab.chat import ChatTemplate
