@@ -53,28 +53,35 @@ def test_page_is_self_contained(server):
         assert f'id="{element_id}"' in html
 
 
-@contextlib.contextmanager
-def _browser_page(server):
-    """The playground of ``server`` in headless Chromium, once it has read ``/v1/info``; nothing fetched elsewhere."""
+@pytest.fixture(scope="module")
+def browser():
+    """One headless Chromium for the module (Playwright's sync API allows one running instance at a time)."""
     if CHROMIUM is None:
         pytest.skip("Chromium is not installed (Debian: apt-get install chromium); the browser test needs it")
     sync_api = pytest.importorskip("playwright.sync_api")
     with sync_api.sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
-        context = browser.new_context(viewport={"width": 1180, "height": 720}, device_scale_factor=1)
-        pg = context.new_page()
-        remote = []
-        pg.on("request", lambda r: None if r.url.startswith(server.url) else remote.append(r.url))
-        pg.goto(server.url + "/")
-        pg.wait_for_selector("body[data-ready='1']", timeout=60_000)
-        yield pg
-        assert remote == [], f"the page fetched outside the server: {remote}"
-        browser.close()
+        b = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+        yield b
+        b.close()
+
+
+@contextlib.contextmanager
+def _open_playground(browser, server):
+    """The playground of ``server`` once it has read ``/v1/info``; afterwards, nothing was fetched elsewhere."""
+    context = browser.new_context(viewport={"width": 1180, "height": 720}, device_scale_factor=1)
+    pg = context.new_page()
+    remote = []
+    pg.on("request", lambda r: None if r.url.startswith(server.url) else remote.append(r.url))
+    pg.goto(server.url + "/")
+    pg.wait_for_selector("body[data-ready='1']", timeout=60_000)
+    yield pg
+    assert remote == [], f"the page fetched outside the server: {remote}"
+    context.close()
 
 
 @pytest.fixture(scope="module")
-def page(server):
-    with _browser_page(server) as pg:
+def page(browser, server):
+    with _open_playground(browser, server) as pg:
         yield pg
 
 
@@ -139,8 +146,8 @@ def chat_server(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def chat_page(chat_server):
-    with _browser_page(chat_server) as pg:
+def chat_page(browser, chat_server):
+    with _open_playground(browser, chat_server) as pg:
         yield pg
 
 
@@ -161,23 +168,28 @@ def test_chat_view_shows_the_api_replies_with_history(chat_server, chat_page):
     assert page.is_visible("#tabs") and page.is_hidden("#chat-view")  # a chat template: the tabs, completion first
     page.click("#tab-chat")
     assert page.is_visible("#chat-view") and page.is_hidden("#completion-view")
-    _settings(page, temperature=0, top_k=0, top_p=1, max_tokens=12, seed="")
+    # seeded sampling, not greedy: the random model's tied embeddings make its greedy reply a turn token (empty)
+    _settings(page, temperature=1, top_k=0, top_p=1, max_tokens=12, seed=7)
 
     def api(messages):
         r = httpx.post(chat_server.url + "/v1/chat/completions",
-                       json={"messages": messages, "max_tokens": 12, "temperature": 0}, timeout=60).json()
+                       json={"messages": messages, "max_tokens": 12, "temperature": 1, "seed": 7}, timeout=60).json()
         return r["choices"][0]["message"]["content"]
 
-    # each reply is what the API gives for the whole conversation so far (the page sends its history)
+    sent = []
+    page.on("request", lambda r: sent.append(r.post_data_json) if r.url.endswith("/v1/chat/completions") else None)
+    # the page sends the whole conversation so far, and shows what the API replies to it
     history: list[dict[str, str]] = []
     for text in ("reverse: a b c", "and now: x y z"):
         _send(page, text)
         history.append({"role": "user", "content": text})
+        assert sent[-1]["messages"] == history and sent[-1]["stream"] is True
+        assert (sent[-1]["temperature"], sent[-1]["seed"], sent[-1]["max_tokens"]) == (1, 7, 12)
         history.append({"role": "assistant", "content": api(history)})
         assert _shown(page) == [[f"msg {m['role']}", m["content"]] for m in history]
         assert page.text_content("#error") == ""
         assert re.search(r"\d+ tokens · ", page.text_content("#chat-stats"))
-    assert any(m["content"] for m in history if m["role"] == "assistant")  # not just two empty replies
+    assert all(m["content"] for m in history)  # the replies compared are real text
     assert page.input_value("#chat-input") == ""
     page.click("#chat-clear")
     assert _shown(page) == []
