@@ -52,7 +52,7 @@ def test_sft_tiny_end_to_end(base_run, tmp_path, monkeypatch):
     assert summary["steps"] == 4
     # the data: generated conversations, rendered with the base's tokenizer + chat tokens, in 48-token rows
     data_dirs = [d for d in (tmp_path / "home").iterdir() if d.is_dir() and not d.name.startswith(".")]
-    assert len(data_dirs) == 1 and data_dirs[0].name.startswith("chat-reverse-") and data_dirs[0].name.endswith("-T48")
+    assert len(data_dirs) == 1 and data_dirs[0].name.startswith("chat-reverse-n300-s0-") and data_dirs[0].name.endswith("-T48")
     m = read_manifest(data_dirs[0])
     base_model, base_tok = load_model(base_run)
     assert m["tokenizer"] == {**base_tok.spec(), "chat": True} and m["chat"]["seq_len"] == 48

@@ -100,11 +100,13 @@ def resolve_data_dir(cfg: TrainConfig) -> Path:
     from gptlab.data.sources import default_data_dir
 
     if is_chat_data(cfg):
-        # Rendered conversations depend on the tokenizer and the row length: one directory for each.
+        # Rendered conversations depend on the tokenizer and the row length, generated ones also on their
+        # count and seed: one directory for each, so --data.task_examples N never reuses another count's data.
         from gptlab.tokenizer import fingerprint
 
         fp = fingerprint(chat_base_tokenizer(cfg))[:10]
-        task = f"-{cfg.data.task}" if cfg.data.task and not cfg.data.input else ""
+        task = (f"-{cfg.data.task}-n{cfg.data.task_examples}-s{cfg.data.seed}"
+                if cfg.data.task and not cfg.data.input else "")
         return default_data_dir(f"{cfg.data.dataset}{task}-{fp}-T{cfg.seq_len}")
     return default_data_dir(cfg.data.dataset)
 
