@@ -140,7 +140,8 @@ def test_stop_button_cancels_the_row(server, page):
 @pytest.fixture(scope="module")
 def chat_server(tmp_path_factory):
     d = tmp_path_factory.mktemp("playground-chat")
-    srv = LiveServer(make_run(d / "run", seed=1, block_size=128, chat=True), d / "serve.log", "--name", "tiny-chat").wait_ready()
+    run = make_run(d / "run", seed=1, block_size=128, chat=True)
+    srv = LiveServer(run, d / "serve.log", "--name", "tiny-chat").wait_ready()
     yield srv
     srv.stop()
 
@@ -158,7 +159,7 @@ def _send(page, text: str) -> None:
     page.wait_for_function(f"Number(document.body.dataset.done || 0) > {done}", timeout=60_000)
 
 
-def _shown(page) -> list[tuple[str, str]]:
+def _shown(page) -> list[list[str]]:
     return page.eval_on_selector_all("#messages .msg", "els => els.map(e => [e.className, e.textContent])")
 
 
