@@ -29,7 +29,7 @@ from gptlab.errors import GptlabError
 from gptlab.kernels import apply_cpu_kernels, training_probe
 from gptlab.metrics import FLOPS_FORMULA, flops_per_token, mfu, peak_bandwidth, peak_flops
 from gptlab.model import GPT
-from gptlab.runtime import autocast, cpu_model, git_sha, resolve_device, resolve_dtype
+from gptlab.runtime import autocast, compile_for_training, cpu_model, git_sha, resolve_device, resolve_dtype
 from gptlab.timing import alternate, split_calls
 
 # --------------------------------------------------------------------------- environment
@@ -195,13 +195,14 @@ def bench_train(model: str = "gpt2", *, batch: int = 8, seq: int | None = None, 
                 rounds: int = 5, dtype: str = "auto", compile: bool = False, compile_hf: bool = False,
                 vs_hf: bool = False, overrides: list[str] | dict[str, Any] | None = None, device: str = "auto", seed: int = 0,
                 vs_model: str | None = None, vs_overrides: list[str] | dict[str, Any] | None = None,
-                quiet: bool = False) -> dict[str, Any]:
+                vs_compile: bool | None = None, quiet: bool = False) -> dict[str, Any]:
     """Time optimizer steps (forward + backward + AdamW) of a gptlab model, optionally against
     transformers' GPT2LMHeadModel with the same weights, shapes, dtype and optimizer, and/or against
     another gptlab model (``vs_model``, e.g. the modern architecture) at the same batch and sequence.
 
     ``steps`` timed steps per model are split over ``rounds`` alternating rounds (A then B each round).
-    ``compile`` compiles the gptlab model(s), ``compile_hf`` transformers' one.
+    ``compile`` compiles the gptlab model(s) as the trainer does, ``compile_hf`` transformers' one,
+    ``vs_compile`` (None: as ``compile``) the ``vs_model``.
     """
     if batch < 1 or steps < 1 or warmup < 0 or rounds < 1:
         raise GptlabError("bench train: --batch and --steps must be >= 1, --warmup >= 0")
@@ -235,7 +236,8 @@ def bench_train(model: str = "gpt2", *, batch: int = 8, seq: int | None = None, 
     def add(name: str, module: torch.nn.Module, step_loss: Callable[[torch.nn.Module], torch.Tensor],
             compiled: bool) -> None:
         opt = _make_optimizer(module, dev)
-        fn = torch.compile(module) if compiled else module
+        fn = (compile_for_training(module, dev) if isinstance(module, GPT) else torch.compile(module)) \
+            if compiled else module
         losses[name] = []
 
         def step() -> torch.Tensor:
@@ -262,8 +264,9 @@ def bench_train(model: str = "gpt2", *, batch: int = 8, seq: int | None = None, 
         with torch.device(dev):
             vs_net = GPT(vs_cfg)
         vs_net.init_weights(torch.Generator(device=dev).manual_seed(seed + 1))
-        apply_cpu_kernels(vs_net, *(() if compile else training_probe(vs_net, batch, T)))
-        add("vs", vs_net.train(), lambda m: m(x, y)[1], compile)
+        vs_compiled = compile if vs_compile is None else vs_compile
+        apply_cpu_kernels(vs_net, *(() if vs_compiled else training_probe(vs_net, batch, T)))
+        add("vs", vs_net.train(), lambda m: m(x, y)[1], compile if vs_compile is None else vs_compile)
 
     peak = PeakMemory(dev)
     # Warm-up (allocator, compile, optimizer state), then the timed steps split over alternating rounds.
@@ -303,7 +306,7 @@ def bench_train(model: str = "gpt2", *, batch: int = 8, seq: int | None = None, 
         out["speedup_vs_hf"] = out["tokens_per_s"] / out["hf_tokens_per_s"]
     if vs_cfg is not None:
         vs = t.summary("vs")
-        out.update(vs_model=vs_model, vs_config=json.loads(vs_cfg.to_json()), vs_ms_per_step=vs["median_ms"],
+        out.update(vs_model=vs_model, vs_compile=vs_compiled, vs_config=json.loads(vs_cfg.to_json()), vs_ms_per_step=vs["median_ms"],
                    vs_ms_per_step_mean=vs["mean_ms"], vs_tokens_per_s=tokens_per_step / (vs["median_ms"] / 1e3),
                    vs_n_params=vs_net.num_params(), vs_peak_memory_mb=peak.mb["vs"],
                    vs_loss_first=losses["vs"][0].item(), vs_loss_last=losses["vs"][-1].item(),

@@ -184,7 +184,9 @@ class Parallel:
             for block in raw.transformer.h:
                 fully_shard(block)
             fully_shard(raw)
-        model = torch.compile(raw) if compile else raw
+        from gptlab.runtime import compile_for_training
+
+        model = compile_for_training(raw, device) if compile else raw
         if self.kind == "ddp":
             from torch.nn.parallel import DistributedDataParallel as DDP
 

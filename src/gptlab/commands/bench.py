@@ -27,6 +27,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="also time another gptlab model (preset or recipe, e.g. modern-shakespeare-char-cpu) at the "
                         "same batch and sequence, alternating; reports vs_step_ratio = its ms/step over --model's")
     t.add_argument("--vs-set", nargs="*", default=[], metavar="KEY=VALUE", help="--vs-model config overrides")
+    t.add_argument("--vs-compile", choices=["yes", "no"], default=None,
+                   help="compile the --vs-model or not (default: as --compile)")
     t.add_argument("--threads", type=int, default=0, help="CPU threads for torch (default: torch's choice)")
     device_arg(t)
     json_arg(t)
@@ -116,7 +118,8 @@ def run_train(args: argparse.Namespace) -> int:
     r = bench_train(args.model, batch=args.batch, seq=args.seq, steps=args.steps, warmup=args.warmup,
                     rounds=getattr(args, "rounds", 5), dtype=args.dtype, compile=args.compile,
                     compile_hf=getattr(args, "compile_hf", False), vs_hf=args.vs_hf, overrides=args.set,
-                    vs_model=args.vs_model, vs_overrides=args.vs_set, device=args.device, quiet=args.json)
+                    vs_model=args.vs_model, vs_overrides=args.vs_set,
+                    vs_compile=None if args.vs_compile is None else args.vs_compile == "yes", device=args.device, quiet=args.json)
     emit(r, args.json, _fmt_train(r))
     return 0
 
