@@ -71,7 +71,7 @@ def test_adamw_groups_match_torch_adamw_exactly():
     ref = [p.clone().requires_grad_() for p in ps]
     mine = [p.clone().requires_grad_() for p in ps]
     opt_ref = torch.optim.AdamW([dict(params=[ref[0]], weight_decay=0.1), dict(params=[ref[1]], weight_decay=0.0)],
-                                lr=1e-2, betas=(0.8, 0.95), eps=1e-10)
+                                lr=1e-2, betas=(0.8, 0.95), eps=1e-10, fused=True)  # as the AdamW recipe runs
     opt = MuonAdamW([dict(params=[mine[0]], weight_decay=0.1), dict(params=[mine[1]], weight_decay=0.0)],
                     lr=1e-2, betas=(0.8, 0.95), eps=1e-10)
     for step in range(5):
