@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from gptlab.checkpoint import latest_checkpoint, list_checkpoints, load_model_state
-from gptlab.config import ConfigError, resolve_train_config
+from gptlab.config import ConfigError, ModelConfig, resolve_train_config
 from gptlab.loading import load_checkpoint
 from gptlab.metrics import read_metrics
 from gptlab.train import ResumeError, train
@@ -469,6 +469,20 @@ def test_cpu_compiled_training_equals_eager(data_dir, tmp_path, monkeypatch):
     s = train(cfg_for(data_dir, tmp_path / "comp", *args, "--system.compile=true", max_steps=6, checkpoint_every=2,
                       resume="auto"))
     assert s["steps"] == 6
+
+
+def test_cpu_compile_without_a_compiler_trains_eager_with_a_warning(monkeypatch, tmp_path, capsys):
+    """A recipe that compiles on CPU must still run where no C++ compiler is installed: eager, said once."""
+    from gptlab.model import GPT
+    from gptlab.runtime import compile_for_training
+
+    monkeypatch.setenv("PATH", str(tmp_path))  # an empty directory: no g++, c++ or clang++
+    monkeypatch.delenv("CXX", raising=False)
+    model = GPT(ModelConfig.from_preset("tiny"))
+    assert compile_for_training(model, torch.device("cpu")) is model
+    assert all(getattr(b, "_compiled_call_impl", None) is None for b in model.transformer.h)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "needs a C++ compiler" in err and "training eager" in err
 
 
 def test_hellaswag_during_training_matches_a_separate_evaluation(tmp_path, capsys):

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import platform
 import random
+import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -68,6 +71,12 @@ def compile_for_training(model: torch.nn.Module, device: torch.device) -> torch.
     vocabularies.
     """
     if device.type == "cpu":
+        if not any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "g++", "c++", "clang++")):
+            # A recipe may ask for compile (modern-shakespeare-char-cpu does); without a compiler inductor
+            # would fail at the first step, so train eager and say how to get the faster step.
+            print("warning: system.compile=true on CPU needs a C++ compiler for inductor and none was found "
+                  "(install g++ or set CXX); training eager", file=sys.stderr)
+            return model
         for block in model.transformer.h:
             block.compile()
         return model
