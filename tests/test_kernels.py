@@ -275,3 +275,6 @@ def test_training_probe_leaves_no_trace(tiny_config):
     assert torch.equal(torch.get_rng_state(), state)
     assert all(p.grad is None for p in model.parameters())
     assert "B=2 T=8" in signature and signature != kernels.training_probe(GPT(tiny_config), 2, 8)[1]
+    assert kernels.training_probe(model, batch=2, seq_len=8)[0] is not None
+    big = int(kernels.PROBE_MAX_FLOP / (6 * model.num_params())) + 1  # tokens past the budget: no probe
+    assert kernels.training_probe(model, batch=big, seq_len=1) == (None, "")

@@ -260,8 +260,10 @@ def apply_cpu_kernels(model: nn.Module, probe: Callable[[], object] | None = Non
 
 
 # Probes slower than this per pass are not repeated: products that large are timed reliably alone (the
-# per-shape choice stands), and repeating a multi-second pass would delay the run for little.
+# per-shape choice stands), and repeating a multi-second pass would delay the run for little. Passes
+# above PROBE_MAX_FLOP (about a second at a 2-core CPU's 50-100 GFLOP/s) are not even tried once.
 PROBE_MAX_S = 1.0
+PROBE_MAX_FLOP = 1e11
 
 
 def keep_if_faster(probe: Callable[[], object], signature: str) -> bool:
@@ -296,13 +298,16 @@ def keep_if_faster(probe: Callable[[], object], signature: str) -> bool:
     return verdict
 
 
-def training_probe(model: nn.Module, batch: int, seq_len: int) -> tuple[Callable[[], None], str]:
+def training_probe(model: nn.Module, batch: int, seq_len: int) -> tuple[Callable[[], None] | None, str]:
     """A probe for :func:`apply_cpu_kernels`: one forward + backward pass of a GPT on a fixed random batch
-    of the training shape, and its signature. It leaves no gradients and moves no global generator
-    (dropout draws happen inside a forked one), so a run is the same whether or not it probed."""
+    of the training shape, and its signature (``None`` for a pass over PROBE_MAX_FLOP). It leaves no
+    gradients and moves no global generator (dropout draws happen inside a forked one), so a run is the
+    same whether or not it probed."""
     import hashlib
 
     cfg = model.config
+    if 6 * sum(p.numel() for p in model.parameters()) * batch * seq_len > PROBE_MAX_FLOP:
+        return None, ""
     x = torch.randint(0, cfg.vocab_size, (batch, seq_len + 1), generator=torch.Generator().manual_seed(0))
 
     def run() -> None:
