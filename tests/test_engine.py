@@ -327,3 +327,107 @@ def test_bfloat16_weights_decode_on_cpu():
     with torch.no_grad():
         logits, _ = model(torch.tensor([[1, 2, 3]]))
     assert out[0].token_ids[0] == int(logits[0, -1].float().argmax())
+
+
+# ---------------------------------------------------------------- batched prefill
+
+
+def _count_forwards(model: GPT) -> tuple[list[tuple[int, int]], object]:
+    """Observe the model: the (B, T) shape of every forward it runs."""
+    shapes: list[tuple[int, int]] = []
+    handle = model.register_forward_pre_hook(lambda m, args: shapes.append(tuple(args[0].shape)))
+    return shapes, handle
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_burst_is_prefilled_in_few_forwards_and_each_row_equals_its_request_alone(arch):
+    model = _model(**ARCHS[arch])
+    prompts = _prompts(12, seed=21)  # 1..19 tokens: left padding matters
+    assert len({len(p) for p in prompts}) > 4
+    greedy = SamplingParams(max_tokens=16, temperature=0, ignore_eot=True)
+    # The reference: the same engine code, each request alone (a prefill with no padding, a batch of one).
+    alone = [Engine(model).generate([p], greedy)[0].token_ids for p in prompts]
+    assert alone[0] == _reference_greedy(model, prompts[0], 16)
+    eng = Engine(model, max_batch=16)
+    reqs = [eng.submit(p, greedy) for p in prompts]  # the burst: all waiting before the engine steps
+    shapes, handle = _count_forwards(model)
+    try:
+        eng.step()  # admits all 12 (prefill) and runs one decode step
+        assert len(eng.rows) == 12 and all(len(r.req._events) == 2 for r in eng.rows)
+        prefills = shapes[:-1]
+        assert shapes[-1] == (12, 1)  # the decode step
+        assert 1 <= len(prefills) < len(prompts) // 2  # batched, not one forward per prompt
+        assert sum(b for b, _ in prefills) == 12
+        for b, t in prefills:  # similar lengths per batch: never more padding than prompt tokens
+            assert b * t <= 2 * sum(sorted(len(p) for p in prompts if len(p) <= t)[-b:])
+        while not all(r.done for r in reqs):
+            eng.step()
+    finally:
+        handle.remove()
+    assert [r.result().token_ids for r in reqs] == alone
+    # Reference mode (no cache) still prefills each prompt alone and agrees.
+    full = Engine(model, max_batch=16, use_kv_cache=False).generate(prompts, greedy)
+    assert [c.token_ids for c in full] == alone
+
+
+def test_long_prompt_is_not_batched_with_short_ones():
+    model = _model()
+    eng = Engine(model, max_batch=8, max_prefill_tokens=64)
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eot=True)
+    lens = [2, 3, 40, 3, 2, 30]
+    for n in lens:
+        eng.submit([1 + n % 7] * n, params)
+    shapes, handle = _count_forwards(model)
+    try:
+        eng.step()
+    finally:
+        handle.remove()
+    # The four short prompts padded to 3 together; 30 and 40 tokens alone (2 x 40 > max_prefill_tokens).
+    assert shapes == [(4, 3), (1, 30), (1, 40), (6, 1)]
+
+
+def test_an_erroring_request_in_a_batch_fails_alone():
+    model = _model()
+    prompts = _prompts(5, seed=22)
+    greedy = SamplingParams(max_tokens=10, temperature=0, ignore_eot=True)
+    alone = [Engine(model).generate([p], greedy)[0].token_ids for p in prompts]
+    bad = [V - 1] * 3  # the only prompt with end-of-text ids (_prompts draws from 0..V-2)
+
+    def fault(module, args):  # a fault hook: any prefill that contains the bad prompt raises
+        idx = args[0]
+        if idx.size(1) > 1 and bool((idx == V - 1).any()):
+            raise RuntimeError("injected prefill fault")
+
+    eng = Engine(model, max_batch=8)
+    reqs = [eng.submit(p, greedy) for p in prompts[:2]] + [eng.submit(bad, greedy)]
+    reqs += [eng.submit(p, greedy) for p in prompts[2:]]
+    handle = model.transformer.wte.register_forward_pre_hook(fault)
+    try:
+        while not all(r.done for r in reqs):
+            eng.step()
+    finally:
+        handle.remove()
+    failed = reqs.pop(2).result()
+    assert failed.finish_reason == "error" and "injected prefill fault" in failed.error and not failed.token_ids
+    assert [r.result().token_ids for r in reqs] == alone
+    assert all(r.result().finish_reason == "length" for r in reqs)
+
+
+def test_seeded_request_in_a_burst_gives_the_same_text_as_alone():
+    model = _model()
+    tok = _tok()
+    target = SamplingParams(max_tokens=20, temperature=0.9, top_k=20, seed=77, ignore_eot=True)
+    alone = Engine(model, tok).generate(["Hello there"], target)[0]
+    eng = Engine(model, tok, max_batch=8)
+    noise = [eng.submit(p, SamplingParams(max_tokens=25, temperature=t, seed=None))
+             for p, t in zip(_prompts(6, seed=23), (0.0, 0.5, 1.0, 1.5, 2.0, 1.0))]
+    got = eng.submit(tok.encode("Hello there"), target)
+    shapes, handle = _count_forwards(model)
+    try:
+        eng.step()
+    finally:
+        handle.remove()
+    assert len(shapes) - 1 < 7  # prefilled in a batch with the others
+    while not all(r.done for r in noise + [got]):
+        eng.step()
+    assert got.result().token_ids == alone.token_ids and got.result().text == alone.text

@@ -6,8 +6,10 @@ Shape of the work (continuous batching, as vLLM/TGI do it, on one preallocated K
 - every request owns one row ("slot") of the cache while it runs; running rows are kept packed in slots
   ``0..n-1`` (a retiring row's slot is refilled by moving the last row into it), so a decode step is one
   forward of ``n`` tokens, each at its own row's position (:class:`gptlab.model.KVCache`);
-- between decode steps the scheduler admits waiting requests: each is prefilled into a free slot and its
-  first token sampled, then it joins the next batched step; a row retires the moment it ends (stop
+- between decode steps the scheduler admits every waiting request that fits: their prompts are prefilled
+  together into free slots, in one forward per batch of similar-length prompts (left-padded to the
+  batch's longest; see :meth:`Engine._prefill`), their first tokens sampled, then they join the next
+  batched step; a row retires the moment it ends (stop
   string, end-of-text, ``max_tokens``, cancel), freeing its slot for the next waiting request;
 - work is bounded by ``max_batch`` rows and ``max_cache_tokens`` reserved positions (prompt + max_tokens
   of every running row); ``max_queue`` bounds the waiting line (:class:`EngineFull` past it).
@@ -271,7 +273,7 @@ class Engine:
 
     def __init__(self, model: torch.nn.Module, tokenizer=None, *, name: str = "model", max_batch: int = 16,
                  max_queue: int = 64, max_cache_tokens: int | None = None, max_seq_len: int | None = None,
-                 compile: bool = False, use_kv_cache: bool = True) -> None:
+                 compile: bool = False, use_kv_cache: bool = True, max_prefill_tokens: int = 4096) -> None:
         if max_batch < 1 or max_queue < 1:
             raise GptlabError(f"engine: max_batch ({max_batch}) and max_queue ({max_queue}) must be >= 1")
         self.model = model.eval()
@@ -286,6 +288,8 @@ class Engine:
         self.max_queue = max_queue
         self.max_cache_tokens = max(max_cache_tokens or max_batch * self.max_seq_len, self.max_seq_len)
         self.use_kv_cache = use_kv_cache
+        # Padded tokens in one batched prefill; a single prompt longer than this still runs, alone.
+        self.max_prefill_tokens = max_prefill_tokens
         self.eot_id = getattr(tokenizer, "eot_id", None)
         self.compiled = None
         if compile and use_kv_cache:
@@ -310,7 +314,7 @@ class Engine:
     def load(cls, src, *, device: str | torch.device = "auto", dtype: str | torch.dtype = "auto",
              compile: bool = False, quantize: str | None = None, max_batch: int = 16, max_queue: int = 64,
              max_cache_tokens: int | None = None, max_seq_len: int | None = None,
-             use_kv_cache: bool = True) -> "Engine":
+             use_kv_cache: bool = True, max_prefill_tokens: int = 4096) -> "Engine":
         """An engine over any model source ``--init`` accepts (run dir, HF dir, Hub name), with its tokenizer."""
         from gptlab.kernels import apply_cpu_kernels
         from gptlab.loading import load_model
@@ -326,7 +330,7 @@ class Engine:
         apply_cpu_kernels(model)  # fp32 on CPU only; quantized layers are not nn.Linear and stay
         return cls(model, tokenizer, name=str(src), max_batch=max_batch, max_queue=max_queue,
                    max_cache_tokens=max_cache_tokens, max_seq_len=max_seq_len, compile=compile,
-                   use_kv_cache=use_kv_cache)
+                   use_kv_cache=use_kv_cache, max_prefill_tokens=max_prefill_tokens)
 
     # ------------------------------------------------------------------ requests
 
@@ -536,14 +540,18 @@ class Engine:
             self._finish(row, TokenEvent(None, row.text.flush(), finish_reason="cancelled"))
 
     def _admit(self) -> None:
+        """Take every waiting request that fits (rows, cache tokens; first come first served, stopping at
+        the first that does not fit) and prefill them in a few batched forwards, not one per prompt: under
+        a burst the last request's first token would otherwise wait for every prefill before it."""
+        new: list[_Row] = []
         while True:
             with self._lock:
-                if not self.waiting or len(self.rows) >= self.max_batch:
-                    return
+                if not self.waiting or len(self.rows) + len(new) >= self.max_batch:
+                    break
                 req = self.waiting[0]
-                reserved = sum(r.reserved for r in self.rows)
-                if self.rows and reserved + len(req.prompt_ids) + req.max_tokens > self.max_cache_tokens:
-                    return
+                reserved = sum(r.reserved for r in self.rows) + sum(r.reserved for r in new)
+                if (self.rows or new) and reserved + len(req.prompt_ids) + req.max_tokens > self.max_cache_tokens:
+                    break
                 self.waiting.popleft()
             if req._cancelled:
                 req._push(TokenEvent(None, "", finish_reason="cancelled"))
@@ -555,28 +563,78 @@ class Engine:
             if req.max_tokens == 0:
                 req._push(TokenEvent(None, "", finish_reason="length"))
                 continue
+            new.append(row)
+        for group in self._prefill_groups(new):
             try:
-                logits = self._prefill(row)
+                logits = self._prefill(group)
             except Exception as e:  # noqa: BLE001
-                req.error = f"{type(e).__name__}: {e}"
-                req._push(TokenEvent(None, "", finish_reason="error"))
+                if len(group) == 1:
+                    self._prefill_failed(group[0], e)
+                    continue
+                # One bad prompt must not fail the others: redo the group one by one, so only it errors.
+                # The failed forward wrote only into free slots (>= len(self.rows)), which the redo rewrites.
+                for row in group:
+                    try:
+                        logits = self._prefill([row])
+                    except Exception as e:  # noqa: BLE001
+                        self._prefill_failed(row, e)
+                        continue
+                    self._emit([row], logits)
                 continue
-            self._emit([row], logits)
+            self._emit(group, logits)
 
-    def _prefill(self, row: _Row) -> torch.Tensor:
-        """Fill a free slot with the prompt's keys/values; the logits (1, V) of its last position."""
-        ids = row.req.prompt_ids
-        x = torch.tensor([ids], dtype=torch.long, device=self.device)
-        if not self.use_kv_cache:
-            self.rows.append(row)
-            return self.model(x, last_only=True)[0][:, -1]
-        self._alloc(len(self.rows) + 1)
+    def _prefill_failed(self, row: _Row, e: Exception) -> None:
+        row.req.error = f"{type(e).__name__}: {e}"
+        row.req._push(TokenEvent(None, "", finish_reason="error"))
+
+    def _prefill_groups(self, rows: list[_Row]) -> list[list[_Row]]:
+        """Split the rows to prefill into batches of similar prompt length.
+
+        A batch is padded to its longest prompt, so one long prompt would make every short one pay for
+        its length: sorted by length, a batch closes when it would hold more padding than prompt tokens
+        or more than ``max_prefill_tokens`` padded tokens (a bound on one forward's memory and latency).
+        Shorter batches go first: the cheapest first tokens come out soonest.
+        """
+        groups: list[list[_Row]] = []
+        cur: list[_Row] = []
+        real = 0
+        for row in sorted(rows, key=lambda r: len(r.req.prompt_ids)):
+            n = len(row.req.prompt_ids)
+            padded = (len(cur) + 1) * n  # sorted: the newest prompt is the longest
+            if cur and (padded > self.max_prefill_tokens or padded > 2 * (real + n)):
+                groups.append(cur)
+                cur, real = [], 0
+            cur.append(row)
+            real += n
+        if cur:
+            groups.append(cur)
+        return groups
+
+    def _prefill(self, rows: list[_Row]) -> torch.Tensor:
+        """Fill free slots with the prompts' keys/values in one forward; the logits (n, V) of each row's
+        last prompt token. The rows join ``self.rows`` only if the forward succeeds."""
+        if not self.use_kv_cache:  # reference mode: each prompt alone, no cache, nothing padded
+            logits = torch.cat([self.model(torch.tensor([r.req.prompt_ids], dtype=torch.long, device=self.device),
+                                           last_only=True)[0][:, -1] for r in rows])
+            self.rows.extend(rows)
+            return logits
+        lens = [len(r.req.prompt_ids) for r in rows]
+        T = max(lens)
+        self._alloc(len(self.rows) + len(rows))
         slot = len(self.rows)
-        pos = torch.arange(len(ids), device=self.device)[None]
-        logits, _ = self.model(x, kv_cache=self.cache.rows(slot, slot + 1), input_pos=pos, kv_len=len(ids),
+        # Left-padded, so the last column is every row's last prompt token (``last_only``). A pad column
+        # sits at a position past its row's prompt (L..T-1, distinct from 0..L-1 so the scatter into the
+        # cache never writes one slot twice): a real token at p < L attends slots <= p only, so it never
+        # sees a pad, and the row's own decode step at position q rewrites slot q before its query reads
+        # it, so the pads' keys/values are overwritten before any query can attend them (KVCache.mask).
+        x = torch.tensor([[0] * (T - n) + r.req.prompt_ids for r, n in zip(rows, lens)],
+                         dtype=torch.long, device=self.device)
+        pos = torch.tensor([list(range(n, T)) + list(range(n)) for n in lens], dtype=torch.long, device=self.device)
+        logits, _ = self.model(x, kv_cache=self.cache.rows(slot, slot + len(rows)), input_pos=pos, kv_len=T,
                                last_only=True)
-        row.pos = len(ids)
-        self.rows.append(row)
+        for r, n in zip(rows, lens):
+            r.pos = n
+        self.rows.extend(rows)
         return logits[:, -1]
 
     def _decode(self) -> None:
