@@ -27,7 +27,7 @@ import torch  # noqa: E402
 from serve_util import BLOCK_SIZE, LiveServer, make_run  # noqa: E402
 
 KEY = "sk-test-0123456789"
-SERVE_ARGS = ("--max-batch", "16")
+SERVE_ARGS = ("--max-batch", "16", "--max-prefill-tokens", "64")
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +83,7 @@ def test_health_models_info(server, client):
     assert len(models) == 1 and models[0].id == str(server.init)
     info = httpx.get(server.url + "/v1/info").json()
     assert info["max_model_len"] == BLOCK_SIZE and info["chat_template"] is False and info["tokenizer"] == "gpt2"
+    assert info["max_prefill_tokens"] == 64 and info["max_batch"] == 16
 
 
 def test_greedy_completion_equals_reference(client, model_name, reference):
@@ -375,6 +376,7 @@ def test_cli_errors(run_dir, tmp_path):
     from gptlab.cli import main
 
     assert main(["serve", "--init", str(run_dir), "--port", "70000"]) == 1
+    assert main(["serve", "--init", str(run_dir), "--max-prefill-tokens", "0"]) == 1
     assert main(["serve", "--init", str(run_dir), "--api-key-file", str(tmp_path / "missing")]) == 1
     (tmp_path / "empty").write_text("\n")
     assert main(["serve", "--init", str(run_dir), "--api-key-file", str(tmp_path / "empty")]) == 1

@@ -295,6 +295,8 @@ class Engine:
         # vs ~700 one by one and ~870 all at once). A GPU runs a big batch in about the time of a small one.
         if max_prefill_tokens is None:
             max_prefill_tokens = 128 if self.device.type == "cpu" else 4096
+        if max_prefill_tokens < 1:
+            raise GptlabError(f"max_prefill_tokens={max_prefill_tokens}: must be >= 1")
         self.max_prefill_tokens = max_prefill_tokens
         self.eot_id = getattr(tokenizer, "eot_id", None)
         self.compiled = None

@@ -27,6 +27,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-batch", type=int, default=16, help="rows decoded together (continuous batching)")
     p.add_argument("--max-queue", type=int, default=256,
                    help="rows allowed to wait for a batch slot; beyond it requests get 429 + Retry-After")
+    p.add_argument("--max-prefill-tokens", type=int, default=None, metavar="N",
+                   help="padded prompt tokens prefilled in one forward when requests arrive together "
+                        "(default: 128 on CPU, where prefill is compute-bound, 4096 on GPUs)")
     p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
     quantize_arg(p)
@@ -65,8 +68,9 @@ def run(args: argparse.Namespace) -> int:
     except ImportError as e:
         raise GptlabError(f"gptlab serve needs the serve extra ({e.name} is missing): "
                           "pip install 'gptlab[serve]'") from None
+    prefill = 1 if args.max_prefill_tokens is None else args.max_prefill_tokens  # None: the engine's default
     for name, value, low in (("port", args.port, 0), ("max-batch", args.max_batch, 1),
-                             ("max-queue", args.max_queue, 1)):
+                             ("max-queue", args.max_queue, 1), ("max-prefill-tokens", prefill, 1)):
         if value < low or (name == "port" and value > 65535):
             raise GptlabError(f"--{name} {value}: must be >= {low}" + (" and <= 65535" if name == "port" else ""))
     if args.shutdown_timeout < 0:
@@ -80,7 +84,8 @@ def run(args: argparse.Namespace) -> int:
         from gptlab.engine import Engine
 
         engine = Engine.load(args.init, device=args.device, dtype=args.dtype, compile=args.compile,
-                             quantize=args.quantize, max_batch=args.max_batch, max_queue=args.max_queue)
+                             quantize=args.quantize, max_batch=args.max_batch, max_queue=args.max_queue,
+                             max_prefill_tokens=args.max_prefill_tokens)
         if args.name:
             engine.name = args.name
         return engine

@@ -548,7 +548,8 @@ def model_info(engine: Any) -> dict[str, Any]:
             "eot_token": None if getattr(tok, "eot_id", None) is None else tok.decode([tok.eot_id]),
             "device": str(getattr(engine, "device", "")),
             "dtype": str(getattr(engine, "dtype", "")).replace("torch.", ""),
-            "max_batch": getattr(engine, "max_batch", None)}
+            "max_batch": getattr(engine, "max_batch", None),
+            "max_prefill_tokens": getattr(engine, "max_prefill_tokens", None)}
 
 
 def create_app(state: ServerState) -> FastAPI:
