@@ -226,7 +226,6 @@ def bench_train(model: str = "gpt2", *, batch: int = 8, seq: int | None = None, 
     net.init_weights(torch.Generator(device=dev).manual_seed(seed) if dev.type == "cuda" else gen)
     # As `gptlab train` runs it (the transformers twin stays stock).
     apply_cpu_kernels(net, *(() if compile else training_probe(net, batch, T)))
-    n_params = net.num_params(non_embedding=True)
     x = torch.randint(0, cfg.vocab_size, (batch, T + 1), generator=gen).to(dev)
     x, y = x[:, :-1].contiguous(), x[:, 1:].contiguous()
 
@@ -236,8 +235,9 @@ def bench_train(model: str = "gpt2", *, batch: int = 8, seq: int | None = None, 
     def add(name: str, module: torch.nn.Module, step_loss: Callable[[torch.nn.Module], torch.Tensor],
             compiled: bool) -> None:
         opt = _make_optimizer(module, dev)
-        fn = (compile_for_training(module, dev) if isinstance(module, GPT) else torch.compile(module)) \
-            if compiled else module
+        fn = module
+        if compiled:  # gptlab's model as the trainer compiles it; transformers' as a whole
+            fn = compile_for_training(module, dev) if isinstance(module, GPT) else torch.compile(module)
         losses[name] = []
 
         def step() -> torch.Tensor:

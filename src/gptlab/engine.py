@@ -33,7 +33,7 @@ import itertools
 import random
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, AsyncIterator, Iterator, Sequence
 
 import torch
@@ -573,27 +573,23 @@ class Engine:
                 continue
             new.append(row)
         for group in self._prefill_groups(new):
-            try:
-                logits = self._prefill(group)
-            except Exception as e:  # noqa: BLE001
-                if len(group) == 1:
-                    self._prefill_failed(group[0], e)
-                    continue
-                # One bad prompt must not fail the others: redo the group one by one, so only it errors.
-                # The failed forward wrote only into free slots (>= len(self.rows)), which the redo rewrites.
-                for row in group:
-                    try:
-                        logits = self._prefill([row])
-                    except Exception as e:  # noqa: BLE001
-                        self._prefill_failed(row, e)
-                        continue
-                    self._emit([row], logits)
-                continue
-            self._emit(group, logits)
+            self._prefill_and_emit(group)
 
-    def _prefill_failed(self, row: _Row, e: Exception) -> None:
-        row.req.error = f"{type(e).__name__}: {e}"
-        row.req._push(TokenEvent(None, "", finish_reason="error"))
+    def _prefill_and_emit(self, rows: list[_Row]) -> None:
+        """Prefill ``rows`` in one forward and sample their first tokens. If the forward fails, a lone row
+        ends with ``error``; a batch is redone one row at a time, so one bad prompt does not fail the others
+        (the failed forward wrote only into free slots, >= len(self.rows), which the redo rewrites)."""
+        try:
+            logits = self._prefill(rows)
+        except Exception as e:  # noqa: BLE001
+            if len(rows) > 1:
+                for row in rows:
+                    self._prefill_and_emit([row])
+                return
+            rows[0].req.error = f"{type(e).__name__}: {e}"
+            rows[0].req._push(TokenEvent(None, "", finish_reason="error"))
+            return
+        self._emit(rows, logits)
 
     def _prefill_groups(self, rows: list[_Row]) -> list[list[_Row]]:
         """Split the rows to prefill into batches of similar prompt length.

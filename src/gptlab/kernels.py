@@ -100,12 +100,18 @@ def _shape_str(key: tuple) -> str:
     return f"{kind} rows<={rows} N={n} K={k} bias={int(bias)} threads={threads}"
 
 
-def _read_file() -> dict[str, str]:
+def _saved_choices() -> dict[str, str]:
+    """This machine's entries of the cache file, name -> choice (no cache yet, or unreadable: none, so
+    everything is measured again)."""
     try:
         saved = json.loads(cache_path().read_text(encoding="utf-8")).get(machine_key(), {})
-        return {k: v["choice"] for k, v in saved.items() if v.get("choice") in CANDIDATES}
+        return {k: v["choice"] for k, v in saved.items() if isinstance(v.get("choice"), str)}
     except (OSError, ValueError, AttributeError, TypeError):
-        return {}  # no cache yet, or unreadable: measure again
+        return {}
+
+
+def _read_file() -> dict[str, str]:
+    return {k: v for k, v in _saved_choices().items() if v in CANDIDATES}
 
 
 def _save(key: tuple, record: dict) -> None:
@@ -321,8 +327,4 @@ def training_probe(model: nn.Module, batch: int, seq_len: int) -> tuple[Callable
 
 
 def _read_step(key: str) -> bool | None:
-    try:
-        got = json.loads(cache_path().read_text(encoding="utf-8")).get(machine_key(), {}).get(key, {})
-        return {"tuned": True, "f.linear": False}.get(got.get("choice"))
-    except (OSError, ValueError, AttributeError, TypeError):
-        return None
+    return {"tuned": True, "f.linear": False}.get(_saved_choices().get(key, ""))

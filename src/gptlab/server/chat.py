@@ -13,36 +13,19 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, AsyncIterator, Iterable, Optional, Union
+from typing import Any, AsyncIterator, Iterable, Optional
 
-from pydantic import BaseModel, ConfigDict
-
-from gptlab.server.protocol import APIError, ChatCompletionRequest, StreamOptions, validate
+from gptlab.server.protocol import APIError, ChatCompletionRequest, SamplingRequest, validate
 
 
-class ChatBody(BaseModel):
+class ChatBody(SamplingRequest):
     """The chat request's fields gptlab acts on (OpenAI's chat completions, plus vLLM's ``top_k``)."""
 
-    model_config = ConfigDict(strict=True, extra="forbid")
-    model: Optional[str] = None
     messages: list[Any]
     max_tokens: Optional[int] = None
     max_completion_tokens: Optional[int] = None
-    temperature: Optional[float] = 1.0
-    top_p: Optional[float] = 1.0
-    top_k: Optional[int] = None
-    n: int = 1
-    stop: Union[str, list[str], None] = None
-    seed: Optional[int] = None
-    stream: bool = False
-    stream_options: Optional[StreamOptions] = None
     logprobs: Optional[bool] = False
     top_logprobs: Optional[int] = None
-    user: Optional[str] = None
-    # Accepted only at their neutral values, as on /v1/completions.
-    frequency_penalty: Optional[float] = 0.0
-    presence_penalty: Optional[float] = 0.0
-    logit_bias: Optional[dict[str, float]] = None
 
 
 def chat_template(engine: Any) -> Any | None:

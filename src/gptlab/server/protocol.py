@@ -43,12 +43,10 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
-class CompletionRequest(_Strict):
-    """``POST /v1/completions`` body (OpenAI legacy completions, plus vLLM's ``top_k`` / ``ignore_eos``)."""
+class SamplingRequest(_Strict):
+    """The fields the completions and chat completions bodies share (OpenAI's, plus vLLM's ``top_k``)."""
 
     model: Optional[str] = None
-    prompt: Union[str, list[str], list[int], list[list[int]]]
-    max_tokens: Optional[int] = 16
     temperature: Optional[float] = 1.0
     top_p: Optional[float] = 1.0
     top_k: Optional[int] = None
@@ -57,15 +55,22 @@ class CompletionRequest(_Strict):
     seed: Optional[int] = None
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
-    echo: bool = False
-    logprobs: Optional[int] = None
-    ignore_eos: bool = False
     user: Optional[str] = None
     # Accepted only at their neutral values: a client that sends the default must not be refused.
-    best_of: Optional[int] = None
     frequency_penalty: Optional[float] = 0.0
     presence_penalty: Optional[float] = 0.0
     logit_bias: Optional[dict[str, float]] = None
+
+
+class CompletionRequest(SamplingRequest):
+    """``POST /v1/completions`` body (OpenAI legacy completions, plus vLLM's ``ignore_eos``)."""
+
+    prompt: Union[str, list[str], list[int], list[list[int]]]
+    max_tokens: Optional[int] = 16
+    echo: bool = False
+    logprobs: Optional[int] = None
+    ignore_eos: bool = False
+    best_of: Optional[int] = None  # neutral value only, as the penalties
     suffix: Optional[str] = None
 
 
